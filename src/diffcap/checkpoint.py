@@ -1,0 +1,132 @@
+"""Checkpoints: a directory of safetensors files and JSON, written atomically. Nothing is ever pickled.
+
+Layout of a checkpoint directory:
+    config.json           the resolved Config the model is rebuilt from
+    meta.json             format version, step, denoiser shape, text-space fingerprint, encoder identity
+    model.safetensors     weights used for captioning (the EMA weights) + text-space buffers
+    train_state.safetensors, train_state.json   (optional) raw weights, optimizer moments, RNG, step — for --resume
+
+A save writes a sibling temporary directory, fsyncs it and swaps it in with renames, so a crash at any
+instant leaves either the old or the new checkpoint complete, never a mixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, incomplete, foreign or unreadable; the message says which and why."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    directory: Path,
+    *,
+    config_json: str,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    train_tensors: dict[str, torch.Tensor] | None = None,
+    train_meta: dict[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = {MODEL_FILE: tensors}
+        if train_tensors is not None:
+            files["train_state.safetensors"] = train_tensors
+        for name, group in files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / name))
+        texts = {"config.json": config_json, "meta.json": json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2)}
+        if train_meta is not None:
+            texts["train_state.json"] = json.dumps(train_meta)
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        _fsync_dir(directory.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path.parent} is not a diffcap checkpoint: {path.name} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} is not a diffcap checkpoint: {path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); diffcap never loads pickled checkpoints"
+        ) from exc
+
+
+def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    """(config dict, meta, model tensors) of a checkpoint directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist or is not a directory")
+    meta = _read_json(directory / "meta.json")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory}: checkpoint format {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    return _read_json(directory / "config.json"), meta, _read_tensors(directory / MODEL_FILE)
+
+
+def load_train_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    return _read_json(directory / "train_state.json"), _read_tensors(directory / "train_state.safetensors")
+
+
+def prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = prefix + "."
+    return {k[len(start):]: v for k, v in state.items() if k.startswith(start)}

@@ -1,0 +1,211 @@
+"""`diffcap` command line: a thin layer over the package. Known errors print one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+log = logging.getLogger("diffcap")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from diffcap.checkpoint import CheckpointError
+    from diffcap.config import ConfigError
+    from diffcap.data.datasets import DatasetError
+    from diffcap.data.features import FeatureCacheError
+    from diffcap.data.images import ImageLoadError
+    from diffcap.text.space import TextSpaceError
+
+    return (CheckpointError, ConfigError, DatasetError, FeatureCacheError, ImageLoadError, TextSpaceError,
+            FileExistsError, FileNotFoundError, ValueError)
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="flickr8k", choices=["flickr8k", "karpathy", "jsonl", "csv"])
+    p.add_argument("--root", required=True, type=Path, help="dataset folder")
+    p.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to (default: root)")
+    p.add_argument("--annotations", type=Path, default=None, help="karpathy/jsonl/csv annotation file")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from diffcap.data.datasets import available_splits
+    from diffcap.data.prepare import default_cache_dir, ensure_features, load_encoder, split_records
+    from diffcap.config import DataConfig
+
+    data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
+                      annotations=str(args.annotations or ""))
+    cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, args.encoder)
+    encoder = load_encoder(args.encoder)
+    splits = args.split or available_splits(args.dataset, args.root)
+    for split in splits:
+        records = split_records(data, split)
+        cache = ensure_features(encoder, records, cache_root / split, on_error=args.on_error,
+                                batch_size=args.batch_size)
+        print(f"{split}: {len(cache)} images cached in {cache_root / split}"
+              + (f"; {len(cache.failed)} unreadable, skipped: {', '.join(list(cache.failed)[:5])}" if cache.failed else ""))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from diffcap.config import PRESETS, load_config
+    from diffcap.train import train
+
+    config = load_config(args.config, args.overrides)
+    if args.run_dir is None:
+        base = PRESETS[args.config]() if args.config in PRESETS else PRESETS["default"]()
+        diffs = config.differences(base)
+        suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(diffs.items()) if not k.startswith("data."))
+        args.run_dir = Path("runs") / (Path(args.config).stem + (f"-{suffix}" if suffix else ""))
+    checkpoint = train(config, args.run_dir, resume=args.resume)
+    print(f"checkpoint: {checkpoint}")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from diffcap.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(args.checkpoint)
+    if args.trajectory:
+        for image in args.images:
+            print(f"{image}:")
+            for step in captioner.trajectory(image, steps=args.steps, guidance=args.guidance, seed=args.seed):
+                print(f"  t={step.t:4d}  {step.caption}")
+        return 0
+    captions = captioner.caption(args.images, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    for image, caption in zip(args.images, captions):
+        print(f"{image}\t{caption}" if len(args.images) > 1 else caption)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from diffcap.config import DataConfig
+    from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, split_records
+    from diffcap.evaluate import evaluate_records
+    from diffcap.metrics import format_table
+    from diffcap.pipeline import load_model
+    from diffcap.encoders.base import build_encoder
+
+    model, meta = load_model(args.checkpoint)
+    data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
+                      annotations=str(args.annotations or ""))
+    records = split_records(data, args.split)
+    if args.limit:
+        records = records[: args.limit]
+    encoder = build_encoder(model.config.encoder.name)
+    cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, model.config.encoder.name)
+    cache = ensure_features(encoder, records, cache_root / args.split)
+    usable = [r for r in records if r.key in cache]
+    table = FeatureTable.from_cache(cache, [r.key for r in usable])
+    if args.shuffle_features:
+        table = table.shuffled(seed=0)
+    result = evaluate_records(model, usable, table, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    result = {
+        "metrics": result["metrics"],
+        "unavailable": result["unavailable"],
+        "checkpoint": str(args.checkpoint),
+        "dataset": args.dataset,
+        "split": args.split,
+        "steps": args.steps or model.config.sample.steps,
+        "guidance": model.config.sample.guidance if args.guidance is None else args.guidance,
+        "shuffled_features": bool(args.shuffle_features),
+        "num_images": result["num_images"],
+        "skipped_images": sorted(set(r.key for r in records) - set(r.key for r in usable)),
+        "captions_per_second": result["captions_per_second"],
+        "captions": result["captions"],
+    }
+    from diffcap.metrics import MetricReport
+
+    print(format_table(MetricReport(result["metrics"], result["unavailable"])))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from diffcap.demo import run_demo
+
+    page = run_demo(Path(args.out), minutes=args.minutes)
+    print(f"demo page: {page}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffcap", description="Image captioning with a continuous diffusion language model")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("features", help="compute and cache image features of a dataset")
+    _add_dataset_args(p)
+    p.add_argument("--split", action="append", help="split(s) to cache (default: every available split)")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="efficientnet_lite0 or clip:<model id or dir>")
+    p.add_argument("--cache-dir", type=Path, default=None, help="default: runs/features/<dataset>-<root hash>-<encoder>")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="unreadable images: skip and report, or stop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_features)
+
+    p = sub.add_parser("train", help="train a diffusion captioner")
+    p.add_argument("config", help="preset name (default, tiny) or a JSON config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.lr=1e-4 model.layers=4")
+    p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config>-<differences to its preset>")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("caption", help="caption images with a trained checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("evaluate", help="caption a split and score it (pycocoevalcap, PTB tokenisation)")
+    p.add_argument("checkpoint", type=Path)
+    _add_dataset_args(p)
+    p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--shuffle-features", action="store_true",
+                   help="control experiment: give every image another image's features")
+    p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="train a small model on generated shape images and caption held-out ones into an HTML page")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=4.0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("transformers", "accelerate", "timm", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.verbose:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except _known_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

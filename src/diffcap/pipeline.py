@@ -1,0 +1,146 @@
+"""The diffusion captioner as one bundle: text space + denoiser + diffusion process, built from a Config.
+
+Training builds it fresh (`build_model`); sampling and evaluation rebuild it from a checkpoint
+(`load_model`), always from the config stored inside that checkpoint. `generate` is the one sampling path
+both use, so what training evaluates is exactly what users get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcap.checkpoint import CheckpointError, load_checkpoint, prefixed, unprefixed
+from diffcap.config import Config, ConfigError
+from diffcap.diffusion.gaussian import GaussianDiffusion
+from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
+from diffcap.models.guidance import conditioned
+from diffcap.text.space import TextSpace, load_backbone
+
+
+@dataclass
+class CaptionModel:
+    config: Config
+    space: TextSpace
+    denoiser: Denoiser
+    diffusion: GaussianDiffusion
+
+    def tensors(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What model.safetensors holds: denoiser weights (default: the live ones) + text-space buffers."""
+        state = denoiser_state if denoiser_state is not None else self.denoiser.state_dict()
+        return {**prefixed("denoiser", state), **prefixed("text", self.space.state_dict())}
+
+    def meta(self) -> dict[str, Any]:
+        return {"denoiser_shape": dataclasses.asdict(self.denoiser.shape), "text": self.space.describe()}
+
+
+def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: int) -> DenoiserShape:
+    _, backbone = load_backbone(config.text.backbone)
+    bc = backbone.config
+    hidden = getattr(bc, "hidden_size", None) or getattr(bc, "dim")
+    heads = getattr(bc, "num_attention_heads", None) or getattr(bc, "n_heads")
+    intermediate = getattr(bc, "intermediate_size", None) or getattr(bc, "hidden_dim")
+    max_positions = getattr(bc, "max_position_embeddings", 512)
+    if config.text.max_length > max_positions:
+        raise ConfigError(f"text.max_length={config.text.max_length} exceeds the backbone's {max_positions} positions")
+    m = config.model
+    return DenoiserShape(
+        latent_dim=space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim, hidden=hidden, heads=heads,
+        intermediate=intermediate, layers=m.layers, max_length=config.text.max_length, use_pooled=m.use_pooled,
+        grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
+        dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12),
+    )
+
+
+def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterable[str] | None = None) -> CaptionModel:
+    """A fresh model; `captions` (training captions) define the rounding vocabulary when restricted."""
+    t = config.text
+    space = TextSpace.from_backbone(t.backbone, t.max_length, t.latent_scale, captions=captions,
+                                    restrict_vocab=t.restrict_vocab)
+    denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
+    if config.model.init_from_backbone:
+        _, backbone = load_backbone(t.backbone)
+        denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
+    diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    return CaptionModel(config, space, denoiser, diffusion)
+
+
+def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
+    """Rebuild a model from a checkpoint directory (its own config, vocabulary and weights)."""
+    config_dict, meta, tensors = load_checkpoint(directory)
+    try:
+        config = Config.from_dict(config_dict)
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory}: its config.json is invalid: {exc}") from exc
+    t = config.text
+    space = TextSpace.from_state(t.backbone, t.max_length, t.latent_scale, unprefixed("text", tensors),
+                                 fingerprint=meta.get("text", {}).get("fingerprint"))
+    try:
+        shape = DenoiserShape(**meta["denoiser_shape"])
+        denoiser = Denoiser(shape)
+        denoiser.load_state_dict(unprefixed("denoiser", tensors))
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory}: weights do not match the stored model shape ({exc})") from exc
+    denoiser.eval()
+    diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    return CaptionModel(config, space, denoiser, diffusion), meta
+
+
+@dataclass
+class Generation:
+    captions: list[str]
+    # per step: (t, rounded captions, per-token confidence (B, L)) when a trajectory was asked for
+    trajectory: list[tuple[int, list[str], torch.Tensor]]
+
+
+@torch.no_grad()
+def generate(
+    model: CaptionModel,
+    image: ImageFeatures | None,
+    *,
+    batch: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    clamp: bool | None = None,
+    eta: float | None = None,
+    time_difference: int | None = None,
+    seed: int | None = None,
+    keep_trajectory: bool = False,
+) -> Generation:
+    """Captions for a batch of image features (or `batch` unconditional ones when image is None)."""
+    s = model.config.sample
+    steps = s.steps if steps is None else steps
+    guidance = s.guidance if guidance is None else guidance
+    clamp = s.clamp if clamp is None else clamp
+    if steps < 1 or steps > model.diffusion.num_timesteps:
+        raise ValueError(f"steps must be between 1 and {model.diffusion.num_timesteps}, got {steps}")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance}")
+    B = len(image) if image is not None else (batch or 1)
+    device = next(model.denoiser.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
+    model.denoiser.eval()
+    result = model.diffusion.sample(
+        conditioned(model.denoiser, image, guidance),
+        (B, model.space.max_length, model.space.dim),
+        steps,
+        denoised_fn=model.space.clamp if clamp else None,
+        self_condition=model.denoiser.shape.self_condition,
+        eta=s.eta if eta is None else eta,
+        time_difference=s.time_difference if time_difference is None else time_difference,
+        generator=generator,
+        device=device,
+        keep_trajectory=keep_trajectory,
+    )
+    ids = model.space.round(result.x0)
+    trajectory = []
+    for t, x0_hat in result.trajectory:
+        probs = model.space.logits(x0_hat).softmax(-1)
+        confidence, step_ids = probs.max(-1)
+        trajectory.append((t, model.space.decode(step_ids), confidence))
+    return Generation(model.space.decode(ids), trajectory)

