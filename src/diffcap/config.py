@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,7 +194,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of config sections")
         preset = data.pop("preset", "default")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise ConfigError(f"{path}: unknown preset {preset!r}; allowed: {', '.join(PRESETS)}")
         config = PRESETS[preset]()
         for key, value in _flatten(data).items():
@@ -241,11 +242,21 @@ def set_value(config: Config, dotted: str, value: Any) -> None:
     section_name, _, name = dotted.partition(".")
     section = getattr(config, section_name, None) if section_name in _section_names() else None
     if section is None or not name or name not in {f.name for f in dataclasses.fields(section)}:
-        close = difflib.get_close_matches(dotted, all_keys(config), n=1, cutoff=0.5)
+        keys = all_keys(config)
+        by_field = {k.rsplit(".", 1)[-1]: k for k in keys}
+        field_name = dotted.rsplit(".", 1)[-1]
+        close = ([_ALIASES[field_name]] if field_name in _ALIASES else
+                 difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+                 or [by_field[m] for m in difflib.get_close_matches(field_name, list(by_field), n=1, cutoff=0.6)])
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(all_keys(config))}"
         raise ConfigError(f"unknown config key {dotted!r}{hint}")
     hint_type = typing.get_type_hints(type(section))[name]
     setattr(section, name, _coerce(dotted, value, hint_type))
+
+
+# Names people reach for first, mapped to ours.
+_ALIASES = {"learning_rate": "train.lr", "bs": "train.batch_size", "epochs": "train.max_steps",
+            "num_layers": "model.layers", "guidance_weight": "sample.guidance", "max_len": "text.max_length"}
 
 
 def _section_names() -> set[str]:
@@ -266,11 +277,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or int(value) != value:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
     if hint is str:
@@ -290,7 +302,7 @@ def validate(config: Config) -> None:
     t, m, d, tr, s = config.text, config.model, config.diffusion, config.train, config.sample
     need(t.max_length >= 2, "text.max_length", "must be at least 2 (one word piece and [SEP])")
     need(t.latent_scale > 0, "text.latent_scale", "must be > 0")
-    need(d.timesteps >= 2, "diffusion.timesteps", "must be at least 2")
+    need(2 <= d.timesteps <= 10_000, "diffusion.timesteps", "must be between 2 and 10000")
     need(m.layers >= 1, "model.layers", "must be at least 1")
     need(m.grid_pool >= 0, "model.grid_pool", "must be >= 0 (0 = no grid positions)")
     need(m.use_pooled or m.grid_pool > 0, "model.use_pooled", "at least one image input is needed (or grid_pool > 0)")
@@ -298,6 +310,7 @@ def validate(config: Config) -> None:
     need(config.loss.rounding_weight >= 0, "loss.rounding_weight", "must be >= 0")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(tr.lr > 0, "train.lr", "must be > 0")
+    need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", "must be in [0, 1)")
     need(0.0 <= tr.self_condition_prob <= 1.0, "train.self_condition_prob", "must be in [0, 1]")
     need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")

@@ -124,10 +124,13 @@ def generate(
     B = len(image) if image is not None else (batch or 1)
     device = next(model.denoiser.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
+    shape = (B, model.space.max_length, model.space.dim)
+    # Every row starts from the same x_T, so an image's caption does not depend on its batch or position.
+    noise = torch.randn(shape[1:], generator=generator).expand(shape).contiguous()
     model.denoiser.eval()
     result = model.diffusion.sample(
         conditioned(model.denoiser, image, guidance),
-        (B, model.space.max_length, model.space.dim),
+        shape,
         steps,
         denoised_fn=model.space.clamp if clamp else None,
         self_condition=model.denoiser.shape.self_condition,
@@ -136,6 +139,7 @@ def generate(
         generator=generator,
         device=device,
         keep_trajectory=keep_trajectory,
+        noise=noise,
     )
     ids = model.space.round(result.x0)
     trajectory = []

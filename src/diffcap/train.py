@@ -178,6 +178,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
 
     # -- loop -------------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
+    if len(data.rows) < world:
+        raise ValueError(f"{len(data.rows)} training captions cannot be shared among {world} processes")
     budget = tr.max_minutes * 60
     started = time.perf_counter() - state["elapsed"]
     bar = tqdm(total=tr.max_steps, initial=state["step"], desc="training", unit="step",
@@ -185,11 +187,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     last_log, seen_since_log = time.perf_counter(), 0
     while state["step"] < tr.max_steps and time.perf_counter() - started < budget:
         order = torch.randperm(len(data.rows), generator=torch.Generator().manual_seed(tr.seed + state["epoch"]))
-        order = order[rank::world]  # each process its own shard
-        per_step = tr.batch_size
-        while state["position"] + per_step <= len(order):
-            batch = order[state["position"]: state["position"] + per_step]
-            state["position"] += per_step
+        order = order[: len(order) - len(order) % world][rank::world]  # equal shards, one per process
+        while state["position"] < len(order):  # the last batch of an epoch may be smaller
+            batch = order[state["position"]: state["position"] + tr.batch_size]
+            state["position"] += len(batch)
             step = state["step"]
             progress_frac = max(step / tr.max_steps, (time.perf_counter() - started) / budget)
             for group in optimizer.param_groups:
@@ -230,7 +231,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/captions_per_second", seen_since_log / (now - last_log), step)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['token_accuracy']:.2f}")
+                left = max(budget - (now - started), 0.0) / 60
+                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['token_accuracy']:.2f}",
+                                budget_left=f"{left:.1f}min")
                 last_log, seen_since_log = now, 0
             if tr.eval_every and step % tr.eval_every == 0 and eval_table is not None and accelerator.is_main_process:
                 metrics = evaluate(tr.eval_limit)

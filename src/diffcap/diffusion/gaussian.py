@@ -103,13 +103,19 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         keep_trajectory: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> SampleResult:
         """Generate from pure noise with S re-noising steps (DDIM update; eta > 0 adds fresh noise).
 
         At each step the network predicts x0 from x_t (told a time `time_difference` later than t),
         `denoised_fn` adjusts it, and x_s at the next, smaller timestep s is rebuilt from it.
         """
-        x = torch.randn(shape, generator=generator, dtype=dtype).to(device)  # CPU generator: same noise on any device
+        if noise is not None:  # the caller's x_T
+            if tuple(noise.shape) != tuple(shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+            x = noise.to(device=device, dtype=dtype)
+        else:  # drawn on the CPU generator: the same noise on any device
+            x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
         times = self.sampling_timesteps(steps)
         result = SampleResult(x0=x)
         x0_hat: torch.Tensor | None = None

@@ -30,9 +30,11 @@ def alpha_bar(schedule: str, timesteps: int) -> torch.Tensor:
     if schedule == "cosine":  # Nichol & Dhariwal 2021, s = 0.008
         return _from_alpha_bar_fn(lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2, timesteps)
     if schedule == "sqrt":  # Diffusion-LM: alpha_bar = 1 - sqrt(s + 1e-4); more noise early
+        if timesteps > 10_000:  # the curve reaches 0 at s = 0.9999: finer grids would divide by zero
+            raise ValueError(f"the sqrt schedule supports at most 10000 timesteps, got {timesteps}")
         return _from_alpha_bar_fn(lambda s: 1.0 - math.sqrt(s + 1e-4), timesteps)
     if schedule == "linear":  # Ho et al. 2020, betas 1e-4 .. 0.02 rescaled to T steps
         scale = 1000 / timesteps
-        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64).clamp(max=_MAX_BETA)
         return torch.cumprod(1.0 - betas, dim=0)
     raise ValueError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
