@@ -52,6 +52,9 @@ def test_checkpoint_reload_gives_identical_captions(tiny_checkpoint: Path, shape
     assert all(isinstance(c, str) for c in first) and len(first) == len(images)
     trajectory = second.trajectory(images[0], seed=3)
     assert trajectory[-1].caption == first[0]
+    assert second.trajectory(images[1], seed=3, index=1)[-1].caption == first[1]
+    # a caption depends on the image's place in the list, not on how the list is cut into batches
+    assert second.caption(images, seed=3, batch_size=1) == first
     assert [s.t for s in trajectory] == sorted((s.t for s in trajectory), reverse=True)
 
 
@@ -116,8 +119,11 @@ def test_demo_writes_a_self_contained_page(tmp_path: Path, capsys) -> None:
     assert len(results["captions"]) == 4 and results["step"] >= 1
     assert "dev (4 images)" in capsys.readouterr().out
 
-    with pytest.raises(FileExistsError):
-        run_demo(tmp_path / "demo", minutes=0.05, train_images=12, dev_images=4)
+    # running it again re-renders the page from the model already trained, without training again
+    before = (tmp_path / "demo" / "run" / "checkpoint" / "meta.json").read_text()
+    run_demo(tmp_path / "demo", minutes=0.05, train_images=12, dev_images=4)
+    assert "reusing the model trained earlier" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "run" / "checkpoint" / "meta.json").read_text() == before
 
 
 def test_shapes_dataset_is_deterministic_and_truthful(tmp_path: Path) -> None:

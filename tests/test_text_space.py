@@ -224,3 +224,9 @@ def test_vocab_must_contain_special_tokens(restricted) -> None:
 def test_missing_backbone_dir(tmp_path) -> None:
     with pytest.raises(TextSpaceError, match="cannot load text backbone"):
         load_backbone(str(tmp_path / "no-such-model"))
+
+
+def test_collapse_repeats_merges_only_neighbouring_repeats(restricted) -> None:
+    ids = restricted.encode(["a dog dog runs on on the grass", "a dog on a dog"])
+    assert restricted.decode(ids) == ["a dog dog runs on on the grass", "a dog on a dog"]
+    assert restricted.decode(ids, collapse_repeats=True) == ["a dog runs on the grass", "a dog on a dog"]

@@ -67,14 +67,18 @@ class Captioner:
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start: start + batch_size])
-            captions += generate(self.model, self.features(chunk), steps=steps, guidance=guidance, seed=seed).captions
+            captions += generate(self.model, self.features(chunk), steps=steps, guidance=guidance, seed=seed,
+                                 first_index=start).captions
         return captions
 
     def trajectory(self, image: ImageInput, *, steps: int | None = None, guidance: float | None = None,
-                   seed: int | None = None) -> list[TrajectoryStep]:
-        """The rounded prediction at every denoising step: watch words crystallise from noise."""
+                   seed: int | None = None, index: int = 0) -> list[TrajectoryStep]:
+        """The rounded prediction at every denoising step: watch words crystallise from noise.
+
+        It ends in the caption `caption(images)` gives this image when it is the `index`-th of the list.
+        """
         gen = generate(self.model, self.features([image]), steps=steps, guidance=guidance, seed=seed,
-                       keep_trajectory=True)
+                       first_index=index, keep_trajectory=True)
         out = []
         for t, captions, confidence in gen.trajectory:
             out.append(TrajectoryStep(t, captions[0], self._tokens(captions[0], confidence[0])))

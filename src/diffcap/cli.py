@@ -106,7 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     table = FeatureTable.from_cache(cache, [r.key for r in usable])
     if args.shuffle_features:
         table = table.shuffled(seed=0)
-    result = evaluate_records(model, usable, table, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    result = evaluate_records(model, usable, table, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                              clamp=args.clamp, collapse_repeats=args.collapse_repeats, end_penalty=args.end_penalty)
     result = {
         "metrics": result["metrics"],
         "unavailable": result["unavailable"],
@@ -115,6 +116,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "split": args.split,
         "steps": args.steps or model.config.sample.steps,
         "guidance": model.config.sample.guidance if args.guidance is None else args.guidance,
+        "clamp": model.config.sample.clamp if args.clamp is None else args.clamp,
+        "collapse_repeats": model.config.sample.collapse_repeats if args.collapse_repeats is None
+        else args.collapse_repeats,
+        "end_penalty": model.config.sample.end_penalty if args.end_penalty is None else args.end_penalty,
         "shuffled_features": bool(args.shuffle_features),
         "num_images": result["num_images"],
         "skipped_images": sorted(set(r.key for r in records) - set(r.key for r in usable)),
@@ -178,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=None,
+                   help="snap predictions to the nearest word embeddings at every step (default: the checkpoint's)")
+    p.add_argument("--collapse-repeats", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge immediate repeats of a word when decoding (default: the checkpoint's)")
+    p.add_argument("--end-penalty", type=float, default=None,
+                   help="rounding margin against ending the caption (default: the checkpoint's sample.end_penalty)")
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")

@@ -83,6 +83,8 @@ class SampleConfig:
     clamp: bool = True  # snap each predicted x0 to the nearest word embeddings (Diffusion-LM's clamping)
     eta: float = 0.0  # 0 = deterministic DDIM update; 1 = DDPM-like fresh noise at every step
     time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
+    collapse_repeats: bool = True  # merge immediate repeats of a word piece when decoding ("dog dog" -> "dog")
+    end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early
     seed: int = 0
 
 
@@ -318,5 +320,6 @@ def validate(config: Config) -> None:
     need(tr.max_minutes > 0, "train.max_minutes", "must be > 0")
     need(1 <= s.steps <= d.timesteps, "sample.steps", f"must be between 1 and diffusion.timesteps={d.timesteps}")
     need(s.guidance >= 0, "sample.guidance", "must be >= 0")
+    need(s.end_penalty >= 0, "sample.end_penalty", "must be >= 0")
     need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
     need(0 <= s.time_difference < d.timesteps, "sample.time_difference", "must be in [0, timesteps)")

@@ -185,10 +185,9 @@ def run_demo(out: Path, minutes: float = 4.0, seed: int = 0, *, train_images: in
 
     out = Path(out)
     run_dir = out / "run"
-    if (run_dir / "checkpoint").exists():
-        raise FileExistsError(f"{out} already holds a demo run; choose another --out or delete it")
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
+    reuse = (run_dir / "checkpoint" / "meta.json").exists()
 
     data_dir = out / "data"
     print(f"[1/3] drawing a synthetic shapes dataset into {data_dir} ...", flush=True)
@@ -204,22 +203,25 @@ def run_demo(out: Path, minutes: float = 4.0, seed: int = 0, *, train_images: in
     config.train.max_steps = 100_000
     config.train.seed = seed
     config.sample.seed = seed
-    print(f"[2/3] training the tiny preset for {minutes:g} minutes (features are computed first) ...", flush=True)
-    checkpoint = train(config, run_dir)
+    if reuse:
+        checkpoint = run_dir / "checkpoint"
+        print(f"[2/3] reusing the model trained earlier in {run_dir} (delete {out} to train again)", flush=True)
+    else:
+        print(f"[2/3] training the tiny preset for {minutes:g} minutes (features are computed first) ...", flush=True)
+        checkpoint = train(config, run_dir)
 
     print("[3/3] captioning the held-out dev images ...", flush=True)
     captioner = Captioner.from_pretrained(checkpoint)
     dev = load_split("jsonl", annotations, "dev")
-    # One image at a time: every caption starts from the same noise, independent of the batch it is in, so the
-    # trajectories below end in exactly the captions of the table.
+    # The k-th image's noise depends on k alone, so the trajectories below end in the captions of the table.
     captions = captioner.caption([r.path for r in dev], batch_size=1)
     report = score_captions({r.key: c for r, c in zip(dev, captions)}, {r.key: list(r.captions) for r in dev},
                             meteor=False)
     rows = [{"image": r.key, "caption": c, "references": list(r.captions), "png": _png_base64(r.path)}
             for r, c in zip(dev, captions)]
     trajectories = []
-    for r in dev[:3]:
-        steps = captioner.trajectory(r.path)
+    for index, r in enumerate(dev[:3]):
+        steps = captioner.trajectory(r.path, index=index)
         trajectories.append({"image": r.key, "png": _png_base64(r.path),
                              "steps": [{"t": s.t, "caption": s.caption} for s in steps]})
     meta = json.loads((checkpoint / "meta.json").read_text())

@@ -22,7 +22,7 @@ def caption_table(model: CaptionModel, table: FeatureTable, *, batch_size: int =
     bar = tqdm(total=len(table.keys), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(table.keys), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(table.keys)))
-        captions += generate(model, table.batch(rows, device), **options).captions
+        captions += generate(model, table.batch(rows, device), first_index=start, **options).captions
         bar.update(len(rows))
     bar.close()
     return captions

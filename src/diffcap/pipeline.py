@@ -110,6 +110,9 @@ def generate(
     eta: float | None = None,
     time_difference: int | None = None,
     seed: int | None = None,
+    collapse_repeats: bool | None = None,
+    end_penalty: float | None = None,
+    first_index: int = 0,
     keep_trajectory: bool = False,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None)."""
@@ -121,18 +124,25 @@ def generate(
         raise ValueError(f"steps must be between 1 and {model.diffusion.num_timesteps}, got {steps}")
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
+    penalty = s.end_penalty if end_penalty is None else end_penalty
     B = len(image) if image is not None else (batch or 1)
     device = next(model.denoiser.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
     shape = (B, model.space.max_length, model.space.dim)
-    # Every row starts from the same x_T, so an image's caption does not depend on its batch or position.
-    noise = torch.randn(shape[1:], generator=generator).expand(shape).contiguous()
+    # Row i starts from noise seeded by (seed, first_index + i): the k-th image of a call gets the same caption
+    # whatever the batch size, and different images get independent noise (a corpus score then averages
+    # over many draws instead of resting on one).
+    base = s.seed if seed is None else seed
+    noise = torch.stack([
+        torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + first_index + i))
+        for i in range(B)
+    ])
     model.denoiser.eval()
     result = model.diffusion.sample(
         conditioned(model.denoiser, image, guidance),
         shape,
         steps,
-        denoised_fn=model.space.clamp if clamp else None,
+        denoised_fn=(lambda x0: model.space.clamp(x0, penalty)) if clamp else None,
         self_condition=model.denoiser.shape.self_condition,
         eta=s.eta if eta is None else eta,
         time_difference=s.time_difference if time_difference is None else time_difference,
@@ -141,10 +151,11 @@ def generate(
         keep_trajectory=keep_trajectory,
         noise=noise,
     )
-    ids = model.space.round(result.x0)
+    collapse = s.collapse_repeats if collapse_repeats is None else collapse_repeats
+    ids = model.space.round(result.x0, penalty)
     trajectory = []
     for t, x0_hat in result.trajectory:
         probs = model.space.logits(x0_hat).softmax(-1)
         confidence, step_ids = probs.max(-1)
-        trajectory.append((t, model.space.decode(step_ids), confidence))
-    return Generation(model.space.decode(ids), trajectory)
+        trajectory.append((t, model.space.decode(step_ids, collapse), confidence))
+    return Generation(model.space.decode(ids, collapse), trajectory)

@@ -181,22 +181,37 @@ class TextSpace(nn.Module):
         half_sq_norm = 0.5 * (table * table).sum(-1)  # (V,)
         return latents @ table.T - half_sq_norm
 
-    def round(self, latents: torch.Tensor) -> torch.Tensor:
-        """Nearest word piece at each position: (B, L, D) -> (B, L)."""
-        return self.logits(latents).argmax(-1)
+    def round(self, latents: torch.Tensor, end_penalty: float = 0.0) -> torch.Tensor:
+        """Nearest word piece at each position: (B, L, D) -> (B, L).
 
-    def clamp(self, latents: torch.Tensor) -> torch.Tensor:
+        `end_penalty` > 0 makes [SEP]/[PAD] win only by that margin of logit. An uncertain x0 prediction is
+        pulled towards the centre of the space, where [PAD] lies (one of the embeddings nearest the origin),
+        so without it captions tend to end early.
+        """
+        logits = self.logits(latents)
+        if end_penalty:
+            logits[..., [self.sep_index, self.pad_index]] -= end_penalty
+        return logits.argmax(-1)
+
+    def clamp(self, latents: torch.Tensor, end_penalty: float = 0.0) -> torch.Tensor:
         """Snap every position to its nearest word embedding (the sampler's `denoised_fn`)."""
-        return self.embed(self.round(latents)).to(latents.dtype)
+        return self.embed(self.round(latents, end_penalty)).to(latents.dtype)
 
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """(B, L) indices -> captions, cut at the first [SEP]/[PAD], with no special tokens."""
+    def decode(self, ids: torch.Tensor, collapse_repeats: bool = False) -> list[str]:
+        """(B, L) indices -> captions, cut at the first [SEP]/[PAD], with no special tokens.
+
+        `collapse_repeats` merges runs of the same word piece ("a dog dog runs" -> "a dog runs"): parallel
+        decoders tend to place one word at two neighbouring positions (the seed's `unique_consecutive`,
+        the de-duplication of non-autoregressive translation).
+        """
         captions = []
         for row in ids.tolist():
-            words = []
+            words: list[int] = []
             for index in row:
                 if index in (self.sep_index, self.pad_index):
                     break
+                if collapse_repeats and words and words[-1] == index:
+                    continue
                 words.append(index)
             full = self.vocab_ids[torch.as_tensor(words, dtype=torch.long)].tolist() if words else []
             text = self.tokenizer.decode(full, skip_special_tokens=True, clean_up_tokenization_spaces=True)
