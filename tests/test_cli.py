@@ -108,6 +108,16 @@ def test_evaluate_writes_json(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_pat
     assert result["num_images"] == 4 and result["split"] == "dev" and result["steps"] == 4
 
 
+def test_evaluate_refuses_training_images(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path: Path, capsys) -> None:
+    argv = ["evaluate", str(tiny_checkpoint), "--dataset", "jsonl", "--root", str(shapes_jsonl.parent),
+            "--split", "train", "--limit", "2", "--steps", "2", "--cache-dir", str(tmp_path / "cache")]
+    line = _error_line(capsys, argv)
+    assert "2 of the 2 train images were training images" in line and "--allow-training-images" in line
+    output = tmp_path / "train.json"
+    assert main([*argv, "--allow-training-images", "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["training_images_evaluated"] == 2
+
+
 # -- clear errors: exit code 2, one line, no traceback ----------------------------------------------------------
 
 

@@ -99,6 +99,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     records = split_records(data, args.split)
     if args.limit:
         records = records[: args.limit]
+    leaked = model.trained_on([r.key for r in records])
+    if leaked and not args.allow_training_images:
+        raise ValueError(
+            f"{len(leaked)} of the {len(records)} {args.split} images were training images of this checkpoint "
+            f"(e.g. {', '.join(leaked[:3])}); their scores would be inflated. Evaluate on a held-out split, or "
+            "pass --allow-training-images to measure fit on training data on purpose"
+        )
     encoder = build_encoder(model.config.encoder.name)
     cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, model.config.encoder.name)
     cache = ensure_features(encoder, records, cache_root / args.split)
@@ -122,6 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "end_penalty": model.config.sample.end_penalty if args.end_penalty is None else args.end_penalty,
         "shuffled_features": bool(args.shuffle_features),
         "num_images": result["num_images"],
+        "training_images_evaluated": len(leaked),
         "skipped_images": sorted(set(r.key for r in records) - set(r.key for r in usable)),
         "captions_per_second": result["captions_per_second"],
         "captions": result["captions"],
@@ -192,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")
+    p.add_argument("--allow-training-images", action="store_true",
+                   help="evaluate even images the checkpoint was trained on (refused by default: leakage)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="train a small model on generated shape images and caption held-out ones into an HTML page")

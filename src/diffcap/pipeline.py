@@ -8,6 +8,7 @@ both use, so what training evaluates is exactly what users get.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +24,39 @@ from diffcap.models.guidance import conditioned
 from diffcap.text.space import TextSpace, load_backbone
 
 
+def key_hash(key: str) -> int:
+    """A signed 64-bit fingerprint of an image key."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little", signed=True)
+
+
+def image_key_hashes(keys: Iterable[str]) -> torch.Tensor:
+    """(N,) int64 fingerprints of image keys: a compact record of which images a model was trained on."""
+    return torch.tensor(sorted({key_hash(k) for k in keys}), dtype=torch.int64)
+
+
 @dataclass
 class CaptionModel:
     config: Config
     space: TextSpace
     denoiser: Denoiser
     diffusion: GaussianDiffusion
+    train_image_hashes: torch.Tensor | None = None  # (N,) image_key_hashes of the training images
 
     def tensors(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """What model.safetensors holds: denoiser weights (default: the live ones) + text-space buffers."""
+        """What model.safetensors holds: denoiser weights (default: the live ones), text-space buffers and
+        the fingerprints of the training images (for the leakage check of `evaluate`)."""
         state = denoiser_state if denoiser_state is not None else self.denoiser.state_dict()
-        return {**prefixed("denoiser", state), **prefixed("text", self.space.state_dict())}
+        out = {**prefixed("denoiser", state), **prefixed("text", self.space.state_dict())}
+        if self.train_image_hashes is not None:
+            out["data.train_image_hashes"] = self.train_image_hashes
+        return out
+
+    def trained_on(self, keys: list[str]) -> list[str]:
+        """The keys among `keys` that were training images of this model (empty when unknown)."""
+        if self.train_image_hashes is None:
+            return []
+        seen = set(self.train_image_hashes.tolist())
+        return [k for k in keys if key_hash(k) in seen]
 
     def meta(self) -> dict[str, Any]:
         return {"denoiser_shape": dataclasses.asdict(self.denoiser.shape), "text": self.space.describe()}
@@ -88,7 +111,7 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
         raise CheckpointError(f"{directory}: weights do not match the stored model shape ({exc})") from exc
     denoiser.eval()
     diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-    return CaptionModel(config, space, denoiser, diffusion), meta
+    return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes")), meta
 
 
 @dataclass

@@ -31,7 +31,7 @@ from diffcap.config import Config
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
 from diffcap.losses import caption_losses
-from diffcap.pipeline import CaptionModel, build_model
+from diffcap.pipeline import CaptionModel, build_model, image_key_hashes
 
 log = logging.getLogger("diffcap")
 
@@ -124,6 +124,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     encoder_identity = load_encoder(config.encoder.name).identity()
     captions = [c for r in train_records for c in r.captions]
     model = build_model(config, train_table.pooled.shape[1], train_table.grid.shape[2], captions=captions)
+    model.train_image_hashes = image_key_hashes(r.key for r in train_records)
     rows = torch.tensor([i for i, r in enumerate(train_records) for _ in r.captions])
     data = TrainData(train_table, rows, model.space.encode(captions))
     log.info("training on %d captions of %d images; vocabulary %d word pieces", len(rows), len(train_records),
@@ -232,13 +233,17 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/captions_per_second", seen_since_log / (now - last_log), step)
                 left = max(budget - (now - started), 0.0) / 60
+                # the wall-clock budget usually ends the run first: size the bar (and its ETA) by it
+                expected = int(step / max(now - started, 1e-9) * budget)
+                bar.total = max(step, min(tr.max_steps, expected))
                 bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['token_accuracy']:.2f}",
                                 budget_left=f"{left:.1f}min")
                 last_log, seen_since_log = now, 0
             if tr.eval_every and step % tr.eval_every == 0 and eval_table is not None and accelerator.is_main_process:
                 metrics = evaluate(tr.eval_limit)
                 for k, v in metrics.items():
-                    writer.add_scalar(f"dev/{k}", v, step) if writer else None
+                    if writer is not None:
+                        writer.add_scalar(f"dev/{k}", v, step)
                 with open(run_dir / "evals.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, "elapsed": round(state["elapsed"], 1), **metrics}) + "\n")
                 log.info("step %d dev BLEU-4 %.1f CIDEr %.1f", step, metrics["BLEU-4"], metrics["CIDEr"])
