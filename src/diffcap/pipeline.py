@@ -150,12 +150,12 @@ def generate(
     penalty = s.end_penalty if end_penalty is None else end_penalty
     B = len(image) if image is not None else (batch or 1)
     device = next(model.denoiser.parameters()).device
-    generator = torch.Generator(device="cpu").manual_seed(s.seed if seed is None else seed)
+    base = s.seed if seed is None else seed
+    generator = torch.Generator(device="cpu").manual_seed(base)  # fresh noise of eta > 0 steps
     shape = (B, model.space.max_length, model.space.dim)
     # Row i starts from noise seeded by (seed, first_index + i): the k-th image of a call gets the same caption
     # whatever the batch size, and different images get independent noise (a corpus score then averages
     # over many draws instead of resting on one).
-    base = s.seed if seed is None else seed
     noise = torch.stack([
         torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + first_index + i))
         for i in range(B)
