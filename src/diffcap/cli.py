@@ -113,20 +113,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     table = FeatureTable.from_cache(cache, [r.key for r in usable])
     if args.shuffle_features:
         table = table.shuffled(seed=0)
-    result = evaluate_records(model, usable, table, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                              clamp=args.clamp, collapse_repeats=args.collapse_repeats, end_penalty=args.end_penalty)
+    # the sampler settings used: each flag given, or the checkpoint's own default
+    settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
+                for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed")}
+    result = evaluate_records(model, usable, table, **settings)
     result = {
         "metrics": result["metrics"],
         "unavailable": result["unavailable"],
         "checkpoint": str(args.checkpoint),
         "dataset": args.dataset,
         "split": args.split,
-        "steps": args.steps or model.config.sample.steps,
-        "guidance": model.config.sample.guidance if args.guidance is None else args.guidance,
-        "clamp": model.config.sample.clamp if args.clamp is None else args.clamp,
-        "collapse_repeats": model.config.sample.collapse_repeats if args.collapse_repeats is None
-        else args.collapse_repeats,
-        "end_penalty": model.config.sample.end_penalty if args.end_penalty is None else args.end_penalty,
+        **settings,
         "shuffled_features": bool(args.shuffle_features),
         "num_images": result["num_images"],
         "training_images_evaluated": len(leaked),

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from diffcap.checkpoint import CheckpointError, load_train_state, prefixed, save_checkpoint, unprefixed
 from diffcap.config import Config
+from diffcap.data.datasets import check_no_leakage
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
 from diffcap.losses import caption_losses
@@ -117,10 +118,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     eval_records, eval_table = [], None
     if config.data.eval_split:
         eval_records, eval_table = prepare_data(config, config.data.eval_split, cache_root)
-        overlap = {r.key for r in train_records} & {r.key for r in eval_records}
-        if overlap:
-            raise ValueError(f"{len(overlap)} images are in both {config.data.train_split} and {config.data.eval_split} "
-                             f"(e.g. {sorted(overlap)[:3]}): evaluation would leak training images")
+        check_no_leakage({config.data.train_split: train_records, config.data.eval_split: eval_records})
     encoder_identity = load_encoder(config.encoder.name).identity()
     captions = [c for r in train_records for c in r.captions]
     model = build_model(config, train_table.pooled.shape[1], train_table.grid.shape[2], captions=captions)
