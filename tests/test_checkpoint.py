@@ -245,3 +245,91 @@ def test_prefixed_round_trip() -> None:
     back = unprefixed("denoiser", both)
     assert set(back) == {"a", "b.c"} and torch.equal(back["b.c"], state["b.c"])
     assert unprefixed("den", both) == {}  # a prefix matches whole name components only
+
+
+# -- crashes and full disks (RELIABILITY.md) ---------------------------------------------------------------------
+
+
+def _save_and_die_at(directory: Path, n: int) -> int:
+    """In a forked child, save checkpoint 1 over checkpoint 0 and die (as if SIGKILLed: no cleanup, no
+    `finally`) just before the n-th filesystem operation of the save. Returns the child's exit status."""
+    import os
+    import shutil
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            calls = {"n": 0}
+
+            def dying(fn):
+                def wrapper(*args, **kwargs):
+                    calls["n"] += 1
+                    if calls["n"] == n:
+                        os._exit(9)
+                    return fn(*args, **kwargs)
+                return wrapper
+
+            os.replace, os.fsync, shutil.rmtree = dying(os.replace), dying(os.fsync), dying(shutil.rmtree)
+            ckpt.save_file = dying(ckpt.save_file)
+            Path.mkdir, Path.write_text = dying(Path.mkdir), dying(Path.write_text)
+            _save(directory, 1, train_tensors={"x": torch.ones(3)}, train_meta={"step": 1})
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_kill_at_every_step_of_a_save_leaves_a_complete_checkpoint(tmp_path) -> None:
+    """Die before each filesystem operation of a save in turn: the checkpoint always loads, as the old one or
+    the new one (never a mixture), and the next save cleans up what the dead one left."""
+    outcomes = []
+    for n in range(1, 100):
+        directory = tmp_path / f"run{n}" / "ckpt"
+        _save(directory, 0, train_tensors={"x": torch.zeros(3)}, train_meta={"step": 0})
+        code = _save_and_die_at(directory, n)
+        assert code in (0, 9), code
+        _, meta, _ = load_checkpoint(directory)  # recovers a swap the kill interrupted
+        seed = meta["step"]
+        _assert_checkpoint(directory, seed)
+        assert load_train_state(directory)[0] == {"step": seed}
+        outcomes.append(seed)
+        _save(directory, 2)
+        _assert_checkpoint(directory, 2)
+        assert _leftovers(directory.parent) == []
+        if code == 0:
+            break
+    assert code == 0 and n > 8  # every operation of a complete save was a kill point once
+    assert outcomes[0] == 0 and outcomes[-1] == 1 and 0 in outcomes[:-1]
+
+
+def test_kill_between_the_two_renames_is_recovered(tmp_path) -> None:
+    directory = tmp_path / "ckpt"
+    _save(directory, 0)
+    aside = tmp_path / ".ckpt.old-deadbeef"
+    directory.rename(aside)  # the state a kill after the first rename leaves
+    (tmp_path / ".ckpt.tmp-cafecafe").mkdir()  # and a new one that never made it
+    _assert_checkpoint(directory, 0)
+    assert directory.is_dir() and not aside.exists()
+    _save(directory, 1)
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_keeps_previous_checkpoint_with_a_clear_message(tmp_path, monkeypatch) -> None:
+    import errno
+
+    _save(tmp_path / "ckpt", 0, train_tensors={"x": torch.zeros(3)}, train_meta={"step": 0})
+
+    def full(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 10)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        _save(tmp_path / "ckpt", 1, train_tensors={"x": torch.ones(3)}, train_meta={"step": 1})
+    message = str(info.value)
+    assert "No space left on device" in message and "previous checkpoint there is intact" in message
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, CheckpointError)
+    _assert_checkpoint(tmp_path / "ckpt", 0)
+    assert load_train_state(tmp_path / "ckpt")[0] == {"step": 0}
+    assert _leftovers(tmp_path) == []

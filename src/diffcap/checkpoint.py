@@ -6,8 +6,11 @@ Layout of a checkpoint directory:
     model.safetensors     weights used for captioning (the EMA weights) + text-space buffers
     train_state.safetensors, train_state.json   (optional) raw weights, optimizer moments, RNG, step — for --resume
 
-A save writes a sibling temporary directory, fsyncs it and swaps it in with renames, so a crash at any
-instant leaves either the old or the new checkpoint complete, never a mixture.
+A save writes a sibling temporary directory, fsyncs it and swaps it in with two renames (old -> .NAME.old-*,
+new -> NAME), so a crash at any instant leaves either the old or the new checkpoint complete, never a mixture.
+A crash between the two renames leaves the old checkpoint complete under .NAME.old-*: every load and the next
+save move it back first (`recover`). A save that fails (disk full, ...) raises CheckpointWriteError and leaves
+the previous checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -31,6 +34,34 @@ class CheckpointError(Exception):
     """A checkpoint is missing, incomplete, foreign or unreadable; the message says which and why."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (e.g. disk full); the previous checkpoint, if any, is untouched."""
+
+
+def _siblings(directory: Path, kind: str) -> list[Path]:
+    """Leftovers of interrupted saves of `directory` (kind "tmp" or "old"), oldest first."""
+    found = [p for p in directory.parent.glob(f".{directory.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def recover(directory: Path) -> Path:
+    """Undo a swap that a crash interrupted: if `directory` is missing but its previous version was moved
+    aside (.NAME.old-*), move that back. Returns the directory to read (the moved-aside one if the move back
+    is impossible, e.g. on a read-only filesystem)."""
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return directory
+    olds = _siblings(directory, "old")
+    if not olds:
+        return directory
+    try:
+        os.replace(olds[-1], directory)
+    except OSError:
+        return olds[-1]
+    _fsync_dir(directory.parent)
+    return directory
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -52,9 +83,15 @@ def save_checkpoint(
     train_meta: dict[str, Any] | None = None,
 ) -> Path:
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        recover(directory)
+        for stale in _siblings(directory, "tmp") + _siblings(directory, "old"):  # left by killed saves
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise _write_error(directory, exc) from exc
     try:
         files = {MODEL_FILE: tensors}
         if train_tensors is not None:
@@ -76,10 +113,22 @@ def save_checkpoint(
         os.replace(tmp, directory)
         _fsync_dir(directory.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover(directory)  # the old one was moved aside but the new one not moved in: put it back
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise _write_error(directory, exc) from exc
         raise
     return directory
+
+
+def _write_error(directory: Path, exc: OSError) -> CheckpointWriteError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    kept = "the previous checkpoint there is intact" if directory.is_dir() else "no checkpoint was written"
+    error = CheckpointWriteError(f"could not write checkpoint {directory}: {reason} ({exc}); {kept}. "
+                                 "Free disk space (or choose another run dir) and resume")
+    error.errno = exc.errno
+    return error
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -107,7 +156,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, meta, model tensors) of a checkpoint directory."""
-    directory = Path(directory)
+    directory = recover(Path(directory))
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist or is not a directory")
     meta = _read_json(directory / "meta.json")
@@ -119,7 +168,7 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, Any], di
 
 
 def load_train_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    directory = Path(directory)
+    directory = recover(Path(directory))
     return _read_json(directory / "train_state.json"), _read_tensors(directory / "train_state.safetensors")
 
 
