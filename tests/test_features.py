@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffcap.data.features import FeatureCache, FeatureCacheError
+from diffcap.data.features import FeatureCache, FeatureCacheError, merge_caches
 from diffcap.data.images import ImageLoadError, load_image
 from diffcap.encoders.base import EncoderOutput, ImageEncoder, ImageTransform
 
@@ -192,3 +193,108 @@ def test_real_efficientnet_round_trip(tmp_path: Path) -> None:
     assert cache.grid(rows).shape == (2, 49, 1280)
     torch.testing.assert_close(cache.pooled(rows), expected.pooled, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(cache.grid(rows), expected.grid, rtol=2e-3, atol=4e-3)
+
+
+# -- shards, merging and adding images (RELIABILITY.md) -----------------------------------------------------------
+
+
+def _records(images: dict[str, Path]):
+    from diffcap.data.datasets import ImageRecord
+
+    return [ImageRecord(key=k, path=p, captions=("a caption",)) for k, p in images.items()]
+
+
+def _bad_and_odd_images(directory: Path) -> dict[str, Path]:
+    """Good images, unusual but valid ones (converted) and broken ones (skipped), interleaved."""
+    images = _images(directory, 3)
+    odd = {
+        "one_pixel": Image.new("RGB", (1, 1), (200, 10, 10)),
+        "gray": Image.new("L", (9, 7), 128),
+        "cmyk": Image.new("CMYK", (8, 8), (0, 255, 0, 0)),
+        "deep16": Image.fromarray(np.full((6, 6), 40000, dtype=np.uint16)),
+        "alpha": Image.new("RGBA", (5, 5), (0, 0, 255, 100)),
+    }
+    for key, img in odd.items():
+        path = directory / f"{key}.{'jpg' if key == 'cmyk' else 'png'}"
+        img.save(path)
+        images[key] = path
+    (directory / "text.jpg").write_text("not a picture")
+    (directory / "half.png").write_bytes((directory / "img0.png").read_bytes()[:60])
+    images = {"text": directory / "text.jpg", **images, "half": directory / "half.png"}
+    return images
+
+
+def test_merge_of_shards_equals_one_build(tmp_path: Path) -> None:
+    encoder = FakeEncoder()
+    images = _bad_and_odd_images(tmp_path)
+    with pytest.warns(UserWarning):
+        whole = FeatureCache.build(encoder, images, tmp_path / "whole", batch_size=1, progress=False)
+    items = list(images.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each shard warns about its own broken images
+        shards = [FeatureCache.build(encoder, dict(items[rank::3]), tmp_path / f"shard{rank}", batch_size=1,
+                                     progress=False, allow_empty=True) for rank in range(3)]
+    merged = merge_caches(shards, tmp_path / "merged")
+    assert sorted(merged.keys) == sorted(whole.keys) and len(merged) == 8
+    assert merged.failed == whole.failed and set(merged.failed) == {"text", "half"}
+    keys = whole.keys
+    assert torch.equal(merged.pooled(merged.index(keys)), whole.pooled(whole.index(keys)))
+    assert torch.equal(merged.grid(merged.index(keys)), whole.grid(whole.index(keys)))
+    assert FeatureCache.open(tmp_path / "merged", expected_identity=encoder.identity()).keys == merged.keys
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_empty_shard_is_allowed_only_when_asked(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(FeatureCacheError, match="none of the 1 images.*bad.jpg"):
+        FeatureCache.build(FakeEncoder(), {"bad": bad}, tmp_path / "c", progress=False)
+    with pytest.warns(UserWarning):
+        shard = FeatureCache.build(FakeEncoder(), {"bad": bad}, tmp_path / "c", progress=False, allow_empty=True)
+    assert len(shard) == 0 and list(shard.failed) == ["bad"]
+
+
+def test_merge_refuses_caches_of_different_encoders(tmp_path: Path) -> None:
+    images = _images(tmp_path, 2)
+    a = FeatureCache.build(FakeEncoder(), images, tmp_path / "a", progress=False)
+    b = FeatureCache.build(FakeEncoder(scale=2.0), images, tmp_path / "b", progress=False)
+    with pytest.raises(FeatureCacheError, match="different encoder setups.*scale"):
+        merge_caches([a, b], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_broken_images_cost_nothing_of_the_others_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A dataset with broken files among good and unusual ones: the broken ones are skipped and listed, every
+    other image is cached, and a second run (or one with images added) recomputes nothing it already has."""
+    from diffcap.data.prepare import ensure_features
+
+    encoder = FakeEncoder()
+    images = _bad_and_odd_images(tmp_path)
+    with pytest.warns(UserWarning, match=r"2 image\(s\) could not be loaded[\s\S]*text.jpg[\s\S]*half.png"):
+        cache = ensure_features(encoder, _records(images), tmp_path / "cache", batch_size=2, progress=False)
+    assert set(cache.keys) == set(images) - {"text", "half"}
+    assert "not a recognised image format" in cache.failed["text"] and "half.png" in cache.failed["half"]
+
+    encoded: list[int] = []
+    real_forward = FakeEncoder.forward
+
+    def counting_forward(self, pixels):
+        encoded.append(len(pixels))
+        return real_forward(self, pixels)
+
+    monkeypatch.setattr(FakeEncoder, "forward", counting_forward)
+    again = ensure_features(encoder, _records(images), tmp_path / "cache", progress=False)
+    assert encoded == [] and again.keys == cache.keys  # nothing recomputed, broken files not retried
+
+    (tmp_path / "more").mkdir()
+    more = {**images, **{f"new{k}": p for k, p in _images(tmp_path / "more", 2).items()}}
+    before = cache.grid(cache.index(cache.keys))
+    grown = ensure_features(encoder, _records(more), tmp_path / "cache", progress=False)
+    assert sum(encoded) == 2  # only the two new images
+    assert set(grown.keys) == set(cache.keys) | {"newkey0", "newkey1"} and set(grown.failed) == {"text", "half"}
+    assert torch.equal(grown.grid(grown.index(cache.keys)), before)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    with pytest.raises(ImageLoadError, match="text.jpg"):
+        ensure_features(encoder, _records(images), tmp_path / "strict", on_error="fail", progress=False)

@@ -37,18 +37,21 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from diffcap.data.datasets import available_splits
-    from diffcap.data.prepare import default_cache_dir, ensure_features, load_encoder, split_records
+    from diffcap.data.prepare import default_cache_dir, distributed_state, ensure_features, load_encoder, split_records
     from diffcap.config import DataConfig
 
     data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
                       annotations=str(args.annotations or ""))
     cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, args.encoder)
     encoder = load_encoder(args.encoder)
+    state = distributed_state()  # under `accelerate launch`: every process encodes a shard, one cache results
     splits = args.split or available_splits(args.dataset, args.root)
     for split in splits:
         records = split_records(data, split)
         cache = ensure_features(encoder, records, cache_root / split, on_error=args.on_error,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, state=state)
+        if state is not None and not state.is_main_process:
+            continue
         print(f"{split}: {len(cache)} images cached in {cache_root / split}"
               + (f"; {len(cache.failed)} unreadable, skipped: {', '.join(list(cache.failed)[:5])}" if cache.failed else ""))
     return 0

@@ -12,6 +12,8 @@ float32 tensors on access. :meth:`FeatureCache.build` writes everything into a
 temporary sibling directory and renames it into place at the very end, so an
 interrupted build never leaves a cache that :meth:`FeatureCache.open` accepts
 (an older cache at the same place stays untouched until the rename).
+:func:`merge_caches` joins caches of the same encoder setup into one, the same way: it is how shards computed
+by several processes (``data/prepare.py``) and images added to an existing cache end up in one cache.
 """
 
 from __future__ import annotations
@@ -133,13 +135,15 @@ class FeatureCache:
         on_error: Literal["skip", "fail"] = "skip",
         batch_size: int = 64,
         progress: bool = True,
+        allow_empty: bool = False,
     ) -> FeatureCache:
         """Encode ``images`` (key -> path) and write a new cache to ``directory``.
 
         Always recomputes; an existing cache at ``directory`` is replaced only
         once the new one is complete. Unreadable images are recorded in
         ``failed`` and warned about (``on_error="skip"``) or raise
-        :class:`ImageLoadError` (``on_error="fail"``).
+        :class:`ImageLoadError` (``on_error="fail"``). A cache in which no
+        image could be loaded is an error unless ``allow_empty`` (a shard).
         """
         if on_error not in ("skip", "fail"):
             raise ValueError(f"on_error must be 'skip' or 'fail', not {on_error!r}")
@@ -153,8 +157,9 @@ class FeatureCache:
         try:
             writer = _ArrayWriter(tmp, len(images), encoder)
             failed = _encode_all(encoder, images, writer, on_error, batch_size, progress)
-            if writer.count == 0:
-                raise FeatureCacheError(f"none of the {len(images)} images could be loaded")
+            if writer.count == 0 and not allow_empty:
+                listed = "; ".join(f"{key}: {reason}" for key, reason in list(failed.items())[:5])
+                raise FeatureCacheError(f"none of the {len(images)} images could be loaded ({listed})")
             writer.finish()
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -172,6 +177,70 @@ class FeatureCache:
             listed = "\n".join(f"  {key}: {reason}" for key, reason in failed.items())
             warnings.warn(f"{len(failed)} image(s) could not be loaded and were skipped:\n{listed}", stacklevel=2)
         return cls.open(directory)
+
+
+def merge_caches(sources: Sequence[FeatureCache], directory: Path, *, chunk: int = 1024) -> FeatureCache:
+    """Write one cache holding the rows of every source to ``directory`` (atomically, like :meth:`build`).
+
+    The sources must come from the same encoder setup (identity) and may overlap: a key's first occurrence
+    wins. Failed images of the sources stay recorded unless another source holds their features. A source may
+    be the cache at ``directory`` itself (it is read before being replaced).
+    """
+    if not sources:
+        raise ValueError("no feature caches to merge")
+    first = sources[0]
+    for other in sources[1:]:
+        differences = identity_differences(first.identity, other.identity)
+        if differences:
+            raise FeatureCacheError(
+                f"cannot merge feature caches {first.directory} and {other.directory}: they were built with "
+                f"different encoder setups ({'; '.join(differences)})"
+            )
+        if other._pooled.shape[1:] != first._pooled.shape[1:] or other._grid.shape[1:] != first._grid.shape[1:]:
+            raise FeatureCacheError(f"cannot merge feature caches {first.directory} and {other.directory}: "
+                                    "their feature shapes differ")
+    taken: dict[str, tuple[int, int]] = {}  # key -> (source, row), grouped by source in order: the output order
+    for s_index, source in enumerate(sources):
+        for row, key in enumerate(source.keys):
+            taken.setdefault(key, (s_index, row))
+    failed: dict[str, str] = {}
+    for source in sources:
+        failed.update({k: v for k, v in source.failed.items() if k not in taken and k not in failed})
+    keys = list(taken)
+    directory = Path(directory)
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        pooled_shape = (len(keys), *first._pooled.shape[1:])
+        grid_shape = (len(keys), *first._grid.shape[1:])
+        pooled, grid = _create(tmp / POOLED_FILE, pooled_shape), _create(tmp / GRID_FILE, grid_shape)
+        out = 0
+        for s_index, source in enumerate(sources):
+            rows = np.array([row for s, row in taken.values() if s == s_index], dtype=np.int64)
+            for start in range(0, len(rows), chunk):
+                part = rows[start : start + chunk]
+                pooled[out : out + len(part)] = source._pooled[part]
+                grid[out : out + len(part)] = source._grid[part]
+                out += len(part)
+        for name, array in ((POOLED_FILE, pooled), (GRID_FILE, grid)):
+            array.flush()
+            _fsync(tmp / name)
+        del pooled, grid
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "identity": first.identity,
+            "keys": keys,
+            "failed": failed,
+            "shapes": {"pooled": list(pooled_shape), "grid": list(grid_shape)},
+            "dtype": np.dtype(DTYPE).name,
+        }
+        _write_json(tmp / META_FILE, meta)
+        _replace_dir(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
+    return FeatureCache.open(directory)
 
 
 def identity_differences(expected: dict, actual: dict) -> list[str]:
