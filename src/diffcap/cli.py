@@ -77,10 +77,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     captioner = Captioner.from_pretrained(args.checkpoint)
     if args.trajectory:
-        for image in args.images:
+        from diffcap.captioner import format_trajectory
+
+        records = []
+        for image in args.images:  # each image alone, as `caption IMAGE` and the web app caption it
+            sample = captioner.samples(image, 1, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
+            if args.json:  # a sample as the web app's API returns it (diffcap serve, POST /api/caption)
+                records.append({"image": str(image), **sample.to_dict()})
+                continue
             print(f"{image}:")
-            for step in captioner.trajectory(image, steps=args.steps, guidance=args.guidance, seed=args.seed):
-                print(f"  t={step.t:4d}  {step.caption}")
+            for line in format_trajectory(sample.trajectory, confidence=args.confidence):
+                print(f"  {line}")
+        if args.json:
+            print(json.dumps(records, indent=1))
         return 0
     captions = captioner.caption(args.images, steps=args.steps, guidance=args.guidance, seed=args.seed)
     for image, caption in zip(args.images, captions):
@@ -152,6 +161,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from diffcap.app import DEFAULT_PORT, Limits, build_service, run_benchmark, serve
+
+    limits = Limits(max_bytes=int(args.max_upload_mb * 1e6), max_pixels=args.max_pixels, max_steps=args.max_steps)
+    if not args.benchmark:
+        serve(args.checkpoint, host=args.host, port=DEFAULT_PORT if args.port is None else args.port,
+              limits=limits, examples=args.examples)
+        return 0
+    service = build_service(args.checkpoint, limits=limits, examples=args.examples)
+    params = {k: v for k, v in {"steps": args.steps, "samples": 1}.items() if v is not None}
+    result = run_benchmark(service, requests=args.benchmark, concurrency=args.concurrency, host=args.host,
+                           port=args.port or 0, params=params)
+    print(f"{result['requests']} requests, {result['concurrency']} concurrent, over localhost HTTP: "
+          f"p50 {result['p50']:.3f} s  p90 {result['p90']:.3f} s  p99 {result['p99']:.3f} s  "
+          f"max {result['max']:.3f} s  ({result['requests_per_second']:.2f} requests/s, {result['errors']} errors)")
+    return 0 if result["errors"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcap", description="Image captioning with a continuous diffusion language model")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -180,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
+    p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
+    p.add_argument("--json", action="store_true", help="with --trajectory: JSON, as the web app's API returns it")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("evaluate", help="caption a split and score it (pycocoevalcap, PTB tokenisation)")
@@ -203,6 +232,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-training-images", action="store_true",
                    help="evaluate even images the checkpoint was trained on (refused by default: leakage)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="a web page (and JSON API) to caption images and watch the denoising")
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="checkpoint directory (default: the checkpoint shipped with diffcap, if any)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=None, help="port (default 7860; 0 = any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=8.0, help="largest accepted upload, in MB")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, width x height")
+    p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
+    p.add_argument("--examples", type=Path, default=None,
+                   help="folder of example images to offer (default: a few generated shape images)")
+    p.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="instead of serving: send N caption requests over localhost and print latency percentiles")
+    p.add_argument("--concurrency", type=int, default=8, help="with --benchmark: clients sending at once")
+    p.add_argument("--steps", type=int, default=None, help="with --benchmark: denoising steps per request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="train a small model on generated shape images and caption held-out ones into an HTML page")
     p.add_argument("--out", default="runs/demo")

@@ -117,8 +117,9 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
 @dataclass
 class Generation:
     captions: list[str]
-    # per step: (t, rounded captions, per-token confidence (B, L)) when a trajectory was asked for
-    trajectory: list[tuple[int, list[str], torch.Tensor]]
+    # per step: (t, rounded captions, per-position confidence (B, L), per-position word-piece index (B, L))
+    # when a trajectory was asked for
+    trajectory: list[tuple[int, list[str], torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
@@ -180,5 +181,5 @@ def generate(
     for t, x0_hat in result.trajectory:
         probs = model.space.logits(x0_hat).softmax(-1)
         confidence, step_ids = probs.max(-1)
-        trajectory.append((t, model.space.decode(step_ids, collapse), confidence))
+        trajectory.append((t, model.space.decode(step_ids, collapse), confidence, step_ids))
     return Generation(model.space.decode(ids, collapse), trajectory)
