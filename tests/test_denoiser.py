@@ -81,6 +81,35 @@ def test_prefix_variants(use_pooled: bool, grid_pool: int, inputs) -> None:
         assert net.image_prefix(_image(0), None, B).shape == (B, shape.prefix_length, 32)
 
 
+@pytest.mark.parametrize("use_pooled", [True, False])
+def test_cross_attention_mode_reads_the_full_grid(use_pooled: bool, inputs) -> None:
+    shape = dataclasses.replace(SHAPE, grid_mode="cross", grid_pool=4, use_pooled=use_pooled)
+    assert shape.prefix_length == int(use_pooled) and shape.memory_length == 16
+    net = _model(shape)
+    x, t, sc = inputs
+    image = _image(0)
+    with torch.no_grad():
+        out = net(x, t, image, None, sc)
+        assert out.shape == (B, L, D)
+        # every one of the 16 cells is read: changing one cell changes the prediction
+        changed = ImageFeatures(image.pooled, image.grid.clone())
+        changed.grid[:, 15] += 1.0
+        assert not torch.allclose(net(x, t, changed, None, sc), out)
+        # a dropped image (keep=False) is the unconditional prediction, whatever the image
+        drop = torch.zeros(B, dtype=torch.bool)
+        torch.testing.assert_close(net(x, t, image, drop, sc), net(x, t, None, None, sc))
+
+
+def test_cross_attention_starts_as_the_text_only_network(inputs) -> None:
+    """Fresh cross-attention outputs are zero, so blocks loaded from a backbone start unchanged."""
+    shape = dataclasses.replace(SHAPE, grid_mode="cross", use_pooled=False)
+    torch.manual_seed(0)
+    net = Denoiser(shape).eval()
+    x, t, sc = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, _image(0), None, sc), net(x, t, _image(1), None, sc))
+
+
 def test_eval_mode_is_deterministic(model, inputs) -> None:
     x, t, sc = inputs
     with torch.no_grad():

@@ -57,12 +57,18 @@ class DiffusionConfig:
 class ModelConfig:
     """The denoiser: a transformer initialised from the backbone's first `layers` layers."""
 
+    # "diffusion" (the point of diffcap) or "autoregressive": the left-to-right baseline with the same
+    # backbone layers, features and vocabulary (cross-attends to the grid; grid_pool sets its size).
+    kind: Literal["diffusion", "autoregressive"] = "diffusion"
     layers: int = 6
     init_from_backbone: bool = True
     # Image prefix positions: the pooled vector and/or the feature grid average-pooled to grid_pool x grid_pool
     # (0 = no grid positions).
     use_pooled: bool = True
     grid_pool: int = 3
+    # "prefix": grid cells are extra sequence positions; "cross": every block cross-attends to them instead
+    # (a cheaper way to use the full 7 x 7 grid).
+    grid_mode: Literal["prefix", "cross"] = "prefix"
     timestep_embedding: bool = True
     self_condition: bool = True
     dropout: float = 0.1
@@ -85,6 +91,8 @@ class SampleConfig:
     time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
     collapse_repeats: bool = True  # merge immediate repeats of a word piece when decoding ("dog dog" -> "dog")
     end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early
+    beam_size: int = 1  # autoregressive models: 1 = greedy decoding
+    candidates: int = 1  # diffusion: sample this many captions per image and keep the minimum-Bayes-risk one
     seed: int = 0
 
 
@@ -118,6 +126,8 @@ class TrainConfig:
     save_every: int = 500
     log_every: int = 25
     num_workers: int = 0
+    # Steps with a non-finite loss or gradient are skipped (no update); this many in a row stop the run.
+    max_bad_steps: int = 10
 
 
 @dataclass
@@ -318,8 +328,15 @@ def validate(config: Config) -> None:
     need(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(tr.max_steps >= 1, "train.max_steps", "must be >= 1")
     need(tr.max_minutes > 0, "train.max_minutes", "must be > 0")
+    need(tr.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    need(tr.save_every >= 1, "train.save_every", "must be >= 1")
+    need(tr.log_every >= 1, "train.log_every", "must be >= 1")
     need(1 <= s.steps <= d.timesteps, "sample.steps", f"must be between 1 and diffusion.timesteps={d.timesteps}")
     need(s.guidance >= 0, "sample.guidance", "must be >= 0")
     need(s.end_penalty >= 0, "sample.end_penalty", "must be >= 0")
+    need(s.beam_size >= 1, "sample.beam_size", "must be >= 1 (1 = greedy)")
+    need(s.candidates >= 1, "sample.candidates", "must be >= 1 (1 = one sample per image)")
+    need(m.kind == "diffusion" or m.grid_pool > 0, "model.grid_pool",
+         "the autoregressive decoder cross-attends to the grid: grid_pool must be > 0")
     need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
     need(0 <= s.time_difference < d.timesteps, "sample.time_difference", "must be in [0, timesteps)")

@@ -31,3 +31,14 @@ def caption_losses(
     with torch.no_grad():
         accuracy = (logits.argmax(-1) == ids).float().mean()
     return {"loss": total, "x0_mse": mse, "rounding": rounding, "token_accuracy": accuracy}
+
+
+def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace) -> dict[str, torch.Tensor]:
+    """Next-word cross-entropy of the autoregressive baseline, over each caption's pieces and its [SEP]
+    (the [PAD] positions after it are not predicted)."""
+    target = ids.masked_fill(ids == space.pad_index, -100)  # (B, L)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    with torch.no_grad():
+        mask = target >= 0
+        accuracy = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum().clamp(min=1)
+    return {"loss": loss, "cross_entropy": loss.detach(), "token_accuracy": accuracy}

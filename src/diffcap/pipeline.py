@@ -19,8 +19,11 @@ import torch
 from diffcap.checkpoint import CheckpointError, load_checkpoint, prefixed, unprefixed
 from diffcap.config import Config, ConfigError
 from diffcap.diffusion.gaussian import GaussianDiffusion
+from diffcap.losses import caption_losses, decoder_losses
+from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
 from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
 from diffcap.models.guidance import conditioned
+from diffcap.selection import mbr_select
 from diffcap.text.space import TextSpace, load_backbone
 
 
@@ -38,7 +41,8 @@ def image_key_hashes(keys: Iterable[str]) -> torch.Tensor:
 class CaptionModel:
     config: Config
     space: TextSpace
-    denoiser: Denoiser
+    # the trained network: a Denoiser, or a CaptionDecoder when config.model.kind == "autoregressive"
+    denoiser: Denoiser | CaptionDecoder
     diffusion: GaussianDiffusion
     train_image_hashes: torch.Tensor | None = None  # (N,) image_key_hashes of the training images
 
@@ -58,8 +62,13 @@ class CaptionModel:
         seen = set(self.train_image_hashes.tolist())
         return [k for k in keys if key_hash(k) in seen]
 
+    @property
+    def autoregressive(self) -> bool:
+        return self.config.model.kind == "autoregressive"
+
     def meta(self) -> dict[str, Any]:
-        return {"denoiser_shape": dataclasses.asdict(self.denoiser.shape), "text": self.space.describe()}
+        key = "decoder_shape" if self.autoregressive else "denoiser_shape"
+        return {key: dataclasses.asdict(self.denoiser.shape), "text": self.space.describe()}
 
 
 def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: int) -> DenoiserShape:
@@ -76,8 +85,18 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
         latent_dim=space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim, hidden=hidden, heads=heads,
         intermediate=intermediate, layers=m.layers, max_length=config.text.max_length, use_pooled=m.use_pooled,
         grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
-        dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12),
+        dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
     )
+
+
+def decoder_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: int) -> DecoderShape:
+    s = denoiser_shape(config, space, pooled_dim, grid_dim)
+    if s.latent_dim != s.hidden:
+        raise ConfigError(f"the autoregressive decoder ties its output to the word embeddings, whose width "
+                          f"{s.latent_dim} must equal the backbone's hidden size {s.hidden}")
+    return DecoderShape(vocab_size=space.vocab_size, hidden=s.hidden, heads=s.heads, intermediate=s.intermediate,
+                        layers=s.layers, max_length=s.max_length, pooled_dim=pooled_dim, grid_dim=grid_dim,
+                        grid_pool=s.grid_pool, dropout=s.dropout, layer_norm_eps=s.layer_norm_eps)
 
 
 def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterable[str] | None = None) -> CaptionModel:
@@ -85,10 +104,17 @@ def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterab
     t = config.text
     space = TextSpace.from_backbone(t.backbone, t.max_length, t.latent_scale, captions=captions,
                                     restrict_vocab=t.restrict_vocab)
-    denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
-    if config.model.init_from_backbone:
-        _, backbone = load_backbone(t.backbone)
-        denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
+    _, backbone = load_backbone(t.backbone)
+    denoiser: Denoiser | CaptionDecoder
+    if config.model.kind == "autoregressive":
+        denoiser = CaptionDecoder(decoder_shape(config, space, pooled_dim, grid_dim))
+        if config.model.init_from_backbone:
+            words = backbone.get_input_embeddings().weight.detach()[space.vocab_ids]
+            denoiser.load_backbone(backbone.state_dict(), words)
+    else:
+        denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
+        if config.model.init_from_backbone:
+            denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
     diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
     return CaptionModel(config, space, denoiser, diffusion)
 
@@ -104,14 +130,34 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
     space = TextSpace.from_state(t.backbone, t.max_length, t.latent_scale, unprefixed("text", tensors),
                                  fingerprint=meta.get("text", {}).get("fingerprint"))
     try:
-        shape = DenoiserShape(**meta["denoiser_shape"])
-        denoiser = Denoiser(shape)
+        denoiser: Denoiser | CaptionDecoder
+        if config.model.kind == "autoregressive":
+            denoiser = CaptionDecoder(DecoderShape(**meta["decoder_shape"]))
+        else:
+            denoiser = Denoiser(DenoiserShape(**meta["denoiser_shape"]))
         denoiser.load_state_dict(unprefixed("denoiser", tensors))
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{directory}: weights do not match the stored model shape ({exc})") from exc
     denoiser.eval()
     diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
     return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes")), meta
+
+
+def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Tensor, image: ImageFeatures,
+                    keep: torch.Tensor, self_condition: bool) -> dict[str, torch.Tensor]:
+    """Every loss term of one batch (and their weighted sum, "loss"), for either kind of model.
+
+    `network` is the (possibly distributed-wrapped) trainable copy of `model.denoiser`; `keep` drops the image
+    of some rows (classifier-free guidance, diffusion only); `self_condition` runs the self-conditioning pass.
+    """
+    if model.autoregressive:
+        return decoder_losses(network(ids, image), ids, model.space)
+    x0 = model.space.embed(ids)  # (B, L, D)
+    t = model.diffusion.sample_timesteps(len(ids), device=ids.device)
+    fn = lambda x, tt, sc: network(x, tt, image, keep, sc)  # noqa: E731
+    _, x0_hat = model.diffusion.training_prediction(fn, x0, t, torch.randn_like(x0), self_condition)
+    with torch.autocast(device_type=ids.device.type, enabled=False):  # distances and rounding logits in fp32
+        return caption_losses(x0_hat.float(), x0, ids, model.space, model.config.loss)
 
 
 @dataclass
@@ -138,8 +184,14 @@ def generate(
     end_penalty: float | None = None,
     first_index: int = 0,
     keep_trajectory: bool = False,
+    beam_size: int | None = None,
+    candidates: int | None = None,
 ) -> Generation:
-    """Captions for a batch of image features (or `batch` unconditional ones when image is None)."""
+    """Captions for a batch of image features (or `batch` unconditional ones when image is None).
+
+    With `candidates` = N > 1 each image is captioned N times from independent noise (candidate k from seed
+    `seed + k`, so candidate 0 is the single-sample caption) and the minimum-Bayes-risk choice is returned.
+    """
     s = model.config.sample
     steps = s.steps if steps is None else steps
     guidance = s.guidance if guidance is None else guidance
@@ -149,6 +201,30 @@ def generate(
     if guidance < 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
     penalty = s.end_penalty if end_penalty is None else end_penalty
+    collapse = s.collapse_repeats if collapse_repeats is None else collapse_repeats
+    if model.autoregressive:
+        if image is None:
+            raise ValueError("the autoregressive baseline has no unconditional mode: it needs an image")
+        if keep_trajectory:
+            raise ValueError("an autoregressive model has no denoising trajectory")
+        decoder = model.denoiser
+        assert isinstance(decoder, CaptionDecoder)
+        decoder.eval()
+        sp = model.space
+        ids = decoder.generate(image, end=(sp.sep_index, sp.pad_index), banned=(sp.unk_index,),
+                               beam_size=s.beam_size if beam_size is None else beam_size)
+        return Generation(sp.decode(ids, collapse), [])
+    n = s.candidates if candidates is None else candidates
+    if n < 1:
+        raise ValueError(f"candidates must be >= 1, got {n}")
+    if n > 1:
+        if keep_trajectory:
+            raise ValueError("a trajectory follows one sample: ask for it with candidates=1")
+        base = s.seed if seed is None else seed
+        options = dict(batch=batch, steps=steps, guidance=guidance, clamp=clamp, eta=eta, time_difference=time_difference,
+                       collapse_repeats=collapse_repeats, end_penalty=end_penalty, first_index=first_index)
+        per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
+        return Generation([row[mbr_select(row)] for row in zip(*per_seed)], [])
     B = len(image) if image is not None else (batch or 1)
     device = next(model.denoiser.parameters()).device
     base = s.seed if seed is None else seed
@@ -175,7 +251,6 @@ def generate(
         keep_trajectory=keep_trajectory,
         noise=noise,
     )
-    collapse = s.collapse_repeats if collapse_repeats is None else collapse_repeats
     ids = model.space.round(result.x0, penalty)
     trajectory = []
     for t, x0_hat in result.trajectory:

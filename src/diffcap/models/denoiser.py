@@ -5,6 +5,10 @@ Input sequence (no attention mask — every position is always visible, in train
     [ image prefix: pooled vector, P x P pooled grid cells ] [ caption latents x_t (and self-cond x0_hat) ]
       type embedding 1, learned prefix positions               type embedding 0, backbone positions
 
+With `grid_mode="cross"` the grid cells leave the sequence and become a memory every block cross-attends to
+(a BERT decoder layer: self-attention, cross-attention, feed-forward): the sequence is then only the pooled
+vector and the caption, so the full 7 x 7 grid costs about what a 3 x 3 prefix does.
+
 plus a sinusoidal timestep embedding (through an MLP) added at every position. The output at the caption
 positions is the predicted x0. The blocks are initialised from the pretrained backbone's first layers.
 The network knows no noise schedule: it maps (x_t, t, image, self_cond) -> x0_hat and nothing more.
@@ -53,33 +57,57 @@ class DenoiserShape:
     self_condition: bool
     dropout: float
     layer_norm_eps: float = 1e-12
+    grid_mode: str = "prefix"  # "prefix": grid cells are sequence positions; "cross": a cross-attended memory
+
+    @property
+    def cross(self) -> bool:
+        return self.grid_mode == "cross" and self.grid_pool > 0
 
     @property
     def prefix_length(self) -> int:
-        return int(self.use_pooled) + self.grid_pool**2
+        return int(self.use_pooled) + (0 if self.cross else self.grid_pool**2)
+
+    @property
+    def memory_length(self) -> int:
+        return self.grid_pool**2 if self.cross else 0
 
 
 class Block(nn.Module):
-    """One post-LayerNorm BERT layer (attention, then feed-forward) using scaled-dot-product attention."""
+    """One post-LayerNorm BERT layer (attention, [cross-attention,] feed-forward) using SDPA."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, dropout: float, eps: float) -> None:
+    def __init__(self, hidden: int, heads: int, intermediate: int, dropout: float, eps: float,
+                 cross: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
         self.attn_out = nn.Linear(hidden, hidden)
         self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        if cross:  # new weights (the backbone has none); cross_out starts at zero, so the block starts as pretrained
+            self.cross_query, self.cross_key, self.cross_value = (nn.Linear(hidden, hidden) for _ in range(3))
+            self.cross_out = nn.Linear(hidden, hidden)
+            self.cross_norm = nn.LayerNorm(hidden, eps=eps)
+        self.cross = cross
         self.ff_in = nn.Linear(hidden, intermediate)
         self.ff_out = nn.Linear(intermediate, hidden)
         self.ff_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, H = x.shape
-        split = lambda y: y.view(B, N, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, N, hd)
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        (B, N, H), M = q.shape, k.shape[1]
+        q = q.view(B, N, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, N, hd)
+        k = k.view(B, M, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, M, hd)
+        v = v.view(B, M, self.heads, H // self.heads).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, H)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal).transpose(1, 2).reshape(B, N, H)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        p = self.dropout if self.training else 0.0
+        a = self._attend(self.query(x), self.key(x), self.value(x), causal)
         x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
+        if self.cross:
+            assert memory is not None, "a cross-attention block needs the image memory"
+            c = self._attend(self.cross_query(x), self.cross_key(memory), self.cross_value(memory))
+            x = self.cross_norm(x + F.dropout(self.cross_out(c), p, self.training))
         h = self.ff_out(F.gelu(self.ff_in(x)))
         return self.ff_norm(x + F.dropout(h, p, self.training))
 
@@ -106,11 +134,15 @@ class Denoiser(nn.Module):
         self.grid_proj = nn.Linear(s.grid_dim, H) if s.grid_pool > 0 else None
         self.prefix_positions = nn.Parameter(torch.zeros(s.prefix_length, H))
         self.null_prefix = nn.Parameter(torch.zeros(s.prefix_length, H))  # the "no image" condition
+        if s.cross:
+            self.memory_positions = nn.Parameter(torch.zeros(s.memory_length, H))
+            self.null_memory = nn.Parameter(torch.zeros(s.memory_length, H))
+            self.memory_norm = nn.LayerNorm(H, eps=s.layer_norm_eps)
         self.time_mlp = (
             nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H)) if s.timestep_embedding else None
         )
         self.blocks = nn.ModuleList(
-            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps) for _ in range(s.layers)
+            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, s.cross) for _ in range(s.layers)
         )
         self.out_proj = nn.Linear(H, s.latent_dim)
         self._initialize_weights()
@@ -124,29 +156,47 @@ class Denoiser(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.normal_(self.prefix_positions, std=0.02)
         nn.init.normal_(self.null_prefix, std=0.02)
+        if self.shape.cross:
+            nn.init.normal_(self.memory_positions, std=0.02)
+            nn.init.normal_(self.null_memory, std=0.02)
+            for block in self.blocks:
+                nn.init.zeros_(block.cross_out.weight)
         if self.time_mlp is not None:  # start as "no timestep information", learn to use it
             nn.init.zeros_(self.time_mlp[-1].weight)
 
     # -- inputs ------------------------------------------------------------------------------------------
+    def _pooled_grid(self, image: ImageFeatures) -> torch.Tensor:
+        """(B, P*P, H): the feature grid average-pooled to grid_pool x grid_pool cells and projected."""
+        B, N, Dg = image.grid.shape
+        side = math.isqrt(N)
+        grid = image.grid.transpose(1, 2).reshape(B, Dg, side, side)  # (B, Dg, side, side)
+        grid = F.adaptive_avg_pool2d(grid, self.shape.grid_pool).flatten(2).transpose(1, 2)  # (B, P*P, Dg)
+        return self.grid_proj(grid)
+
+    @staticmethod
+    def _drop(cond: torch.Tensor, null: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Rows with keep=False get the learned null condition instead of the image."""
+        return cond if keep is None else torch.where(keep.view(-1, 1, 1), cond, null.to(cond.dtype))
+
     def image_prefix(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor:
         """(B, P, H) projected image positions; rows with keep=False (or no image) get the null condition."""
-        s = self.shape
         null = self.null_prefix.unsqueeze(0).expand(batch, -1, -1)
-        if image is None:
+        if image is None or self.shape.prefix_length == 0:
             return null
         parts = []
         if self.pooled_proj is not None:
             parts.append(self.pooled_proj(image.pooled).unsqueeze(1))  # (B, 1, H)
-        if self.grid_proj is not None:
-            B, N, Dg = image.grid.shape
-            side = math.isqrt(N)
-            grid = image.grid.transpose(1, 2).reshape(B, Dg, side, side)  # (B, Dg, side, side)
-            grid = F.adaptive_avg_pool2d(grid, s.grid_pool).flatten(2).transpose(1, 2)  # (B, P*P, Dg)
-            parts.append(self.grid_proj(grid))
-        prefix = torch.cat(parts, dim=1)  # (B, P, H)
-        if keep is not None:
-            prefix = torch.where(keep.view(-1, 1, 1), prefix, null.to(prefix.dtype))
-        return prefix
+        if self.grid_proj is not None and not self.shape.cross:
+            parts.append(self._pooled_grid(image))
+        return self._drop(torch.cat(parts, dim=1), null, keep)  # (B, P, H)
+
+    def image_memory(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """(B, M, H) the grid memory of cross-attention blocks (None in prefix mode)."""
+        if not self.shape.cross:
+            return None
+        null = self.null_memory.unsqueeze(0).expand(batch, -1, -1)
+        memory = null if image is None else self._drop(self._pooled_grid(image), null, keep)
+        return self.memory_norm(memory + self.memory_positions)
 
     def forward(
         self,
@@ -165,8 +215,9 @@ class Denoiser(nn.Module):
         if self.time_mlp is not None:
             h = h + self.time_mlp(timestep_embedding(t, self.shape.hidden)).unsqueeze(1)
         h = F.dropout(self.embed_norm(h), self.shape.dropout, self.training)
+        memory = self.image_memory(image, keep, B)  # (B, M, H) or None
         for block in self.blocks:
-            h = block(h)
+            h = block(h, memory)
         return self.out_proj(h[:, -L:])  # (B, L, D)
 
     # -- initialisation from a pretrained backbone ------------------------------------------------------
