@@ -100,6 +100,20 @@ def test_cross_attention_mode_reads_the_full_grid(use_pooled: bool, inputs) -> N
         torch.testing.assert_close(net(x, t, image, drop, sc), net(x, t, None, None, sc))
 
 
+def test_add_mode_adds_the_pooled_vector_to_every_position(inputs) -> None:
+    shape = dataclasses.replace(SHAPE, pooled_mode="add")
+    assert shape.prefix_length == SHAPE.prefix_length - 1  # the pooled vector is no longer a position
+    net = _model(shape)
+    x, t, sc = inputs
+    image = _image(0)
+    with torch.no_grad():
+        out = net(x, t, image, None, sc)
+        other = ImageFeatures(image.pooled + 1.0, image.grid)
+        assert not torch.allclose(net(x, t, other, None, sc), out)  # the pooled vector still matters
+        drop = torch.zeros(B, dtype=torch.bool)
+        torch.testing.assert_close(net(x, t, image, drop, sc), net(x, t, None, None, sc))
+
+
 def test_cross_attention_starts_as_the_text_only_network(inputs) -> None:
     """Fresh cross-attention outputs are zero, so blocks loaded from a backbone start unchanged."""
     shape = dataclasses.replace(SHAPE, grid_mode="cross", use_pooled=False)

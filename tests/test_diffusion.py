@@ -272,8 +272,10 @@ def test_training_prediction_with_self_condition(diffusion) -> None:
     x0 = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 90])
-    x_t, x0_hat = diffusion.training_prediction(model, x0, t, noise, use_self_condition=True)
+    pred = diffusion.training_prediction(model, x0, t, noise, use_self_condition=True)
+    x_t, x0_hat = pred.x_t, pred.x0_hat
     torch.testing.assert_close(x_t, diffusion.q_sample(x0, t, noise))
+    torch.testing.assert_close(pred.target, x0, rtol=0, atol=0)  # the default target is x0
     assert len(calls) == 2
     assert calls[0][1] is None
     torch.testing.assert_close(calls[1][1], calls[0][2].detach(), rtol=0, atol=0)
@@ -293,6 +295,47 @@ def test_training_prediction_without_self_condition(diffusion) -> None:
         return 0.5 * x
 
     x0 = torch.ones(2, 4, 3)
-    x_t, x0_hat = diffusion.training_prediction(model, x0, torch.tensor([5, 6]), torch.zeros(2, 4, 3), False)
+    pred = diffusion.training_prediction(model, x0, torch.tensor([5, 6]), torch.zeros(2, 4, 3), False)
     assert calls == [None]
-    torch.testing.assert_close(x0_hat, 0.5 * x_t)
+    torch.testing.assert_close(pred.x0_hat, 0.5 * pred.x_t)
+
+
+# -- prediction targets -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["x0", "eps", "x_prev"])
+def test_to_x0_inverts_the_target(target: str) -> None:
+    diffusion = GaussianDiffusion.from_schedule("cosine", 200, target=target, interval=30)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 4, 3, generator=g, dtype=torch.float64), torch.randn(6, 4, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 5, 29, 30, 120, 199])  # below and above the x_prev interval
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = diffusion.network_target(x0, t, noise)
+    torch.testing.assert_close(diffusion.to_x0(out, x_t, t), x0)
+    if target == "x_prev":  # x_{t-30} for t >= 30, x0 below
+        torch.testing.assert_close(out[3:], diffusion.q_sample(x0[3:], t[3:] - 30, noise[3:]))
+        torch.testing.assert_close(out[:3], x0[:3])
+    if target == "eps":
+        torch.testing.assert_close(out, noise)
+
+
+@pytest.mark.parametrize("target", ["x0", "eps", "x_prev"])
+def test_sampler_recovers_x0_from_an_oracle_of_any_target(target: str) -> None:
+    """A network that outputs the exact target for a known x0 makes the sampler land on that x0."""
+    diffusion = GaussianDiffusion.from_schedule("cosine", 200, target=target, interval=30)
+    x0 = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def oracle(x_t, t, sc):
+        signal, sigma = diffusion._coef(t, x_t)
+        noise = (x_t - signal * x0) / sigma  # the noise that makes x_t from x0
+        return diffusion.network_target(x0, t, noise)
+
+    result = diffusion.sample(oracle, (2, 4, 3), 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(result.x0, x0)
+
+
+def test_invalid_targets_are_refused() -> None:
+    with pytest.raises(ValueError, match="target"):
+        GaussianDiffusion.from_schedule("cosine", 100, target="v")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="interval"):
+        GaussianDiffusion.from_schedule("cosine", 100, target="x_prev", interval=100)

@@ -49,8 +49,10 @@ class EncoderConfig:
 class DiffusionConfig:
     schedule: Literal["cosine", "linear", "sqrt"] = "cosine"
     timesteps: int = 1000
-    # What the network predicts. Only "x0" exists so far; the enum is where x_{t-k} and eps slot in.
-    target: Literal["x0"] = "x0"
+    # What the network predicts: the clean latents "x0", the noise "eps", or "x_prev" = x_{t-k} with
+    # k = target_interval (the original's X_INTERVAL, 30 or 100).
+    target: Literal["x0", "eps", "x_prev"] = "x0"
+    target_interval: int = 30
 
 
 @dataclass
@@ -69,6 +71,8 @@ class ModelConfig:
     # "prefix": grid cells are extra sequence positions; "cross": every block cross-attends to them instead
     # (a cheaper way to use the full 7 x 7 grid).
     grid_mode: Literal["prefix", "cross"] = "prefix"
+    # "concat": the pooled vector is one more prefix position; "add": its projection is added to every position
+    pooled_mode: Literal["concat", "add"] = "concat"
     timestep_embedding: bool = True
     self_condition: bool = True
     dropout: float = 0.1
@@ -76,8 +80,25 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    # Weight of the rounding cross-entropy (tokens from the predicted x0) next to the x0 distance.
+    """The loss terms (the original's USE_X_1_LOSS, ROUNDING_WEIGHT, loss reductions, L1/MSE).
+
+    loss = x_t_weight * d(output at x_t, target) + x_1_weight * d(output at x_1, target)
+           + rounding_weight * cross-entropy of the tokens from the x0 estimate (at x_t, x_1 or both)
+    Distances are in standardised units (divided by text.latent_scale for latent-valued targets).
+    """
+
+    x_t_weight: float = 1.0  # the distance of the prediction made from x_t at a random t; 0 = off
+    # the same from x_1, the least noisy level; > 0 (or rounding_on x_1/both) costs a second forward pass
+    x_1_weight: float = 0.0
     rounding_weight: float = 0.3
+    rounding_on: Literal["x_t", "x_1", "both"] = "x_t"
+    distance: Literal["mse", "l1"] = "mse"
+    # "mean": over positions and captions; "series_sum": summed over positions and captions (the original's
+    # "series sum"); "series_sum_sample_mean": summed over positions, averaged over captions
+    reduction: Literal["mean", "series_sum", "series_sum_sample_mean"] = "mean"
+    # > 0: "dynamic" rounding weight, reset every step to C * (running sum of the distance terms) /
+    # (running sum of the rounding term) over the epoch, C = this value; 0 = the constant rounding_weight
+    dynamic_rounding: float = 0.0
 
 
 @dataclass
@@ -117,6 +138,9 @@ class TrainConfig:
     max_minutes: float = 60.0  # wall-clock budget of the loop; whichever of max_steps/max_minutes comes first
     cond_drop_prob: float = 0.1  # classifier-free guidance: drop the image condition with this probability
     self_condition_prob: float = 0.5
+    # noise levels drawn per caption per batch (the original's "sample size"): each caption of a batch is
+    # repeated this many times at independent t, so a batch holds batch_size * this many training samples
+    samples_per_caption: int = 1
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -319,8 +343,15 @@ def validate(config: Config) -> None:
     need(m.grid_pool >= 0, "model.grid_pool", "must be >= 0 (0 = no grid positions)")
     need(m.use_pooled or m.grid_pool > 0, "model.use_pooled", "at least one image input is needed (or grid_pool > 0)")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
-    need(config.loss.rounding_weight >= 0, "loss.rounding_weight", "must be >= 0")
+    lo = config.loss
+    for name in ("x_t_weight", "x_1_weight", "rounding_weight", "dynamic_rounding"):
+        need(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0")
+    need(lo.x_t_weight + lo.x_1_weight + lo.rounding_weight > 0, "loss.x_t_weight",
+         "every loss term is off: set x_t_weight, x_1_weight or rounding_weight > 0")
+    need(d.target != "x_prev" or 1 <= d.target_interval < d.timesteps, "diffusion.target_interval",
+         f"must be between 1 and diffusion.timesteps - 1 = {d.timesteps - 1}")
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
+    need(tr.samples_per_caption >= 1, "train.samples_per_caption", "must be >= 1")
     need(tr.lr > 0, "train.lr", "must be > 0")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", "must be in [0, 1)")

@@ -1,4 +1,5 @@
-"""Training losses for caption latents: x0 distance + rounding cross-entropy."""
+"""Training losses: the distance of the network's output to its target, at x_t and/or x_1, plus the rounding
+cross-entropy of the tokens from the x0 estimate; or the autoregressive baseline's next-word cross-entropy."""
 
 from __future__ import annotations
 
@@ -6,31 +7,71 @@ import torch
 import torch.nn.functional as F
 
 from diffcap.config import LossConfig
+from diffcap.diffusion.gaussian import TrainingPrediction
 from diffcap.text.space import TextSpace
 
 
+def reduce(per_position: torch.Tensor, how: str) -> torch.Tensor:
+    """(B, L) per-position losses -> scalar: "mean", "series_sum" (all summed), "series_sum_sample_mean"."""
+    if how == "mean":
+        return per_position.mean()
+    if how == "series_sum":
+        return per_position.sum()
+    if how == "series_sum_sample_mean":
+        return per_position.sum(-1).mean()
+    raise ValueError(f"unknown loss reduction {how!r}")
+
+
+def distance(output: torch.Tensor, target: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    """(B, L) per-position distance averaged over the latent dimension, in units of `scale`."""
+    diff = (output.float() - target.float()) / scale
+    if kind == "mse":
+        return (diff**2).mean(-1)
+    if kind == "l1":
+        return diff.abs().mean(-1)
+    raise ValueError(f"unknown distance {kind!r}")
+
+
 def caption_losses(
-    x0_hat: torch.Tensor,  # (B, L, D) predicted clean latents
-    x0: torch.Tensor,  # (B, L, D) true latents
+    pred: TrainingPrediction,
     ids: torch.Tensor,  # (B, L) true token indices
     space: TextSpace,
     config: LossConfig,
+    *,
+    pred_1: TrainingPrediction | None = None,  # the pass from x_1, when a term needs it
+    latent_target: bool = True,  # False when the network predicts the noise (unit scale, not latents)
+    rounding_weight: float | None = None,  # overrides config.rounding_weight (the dynamic weight)
 ) -> dict[str, torch.Tensor]:
     """Every loss term (scalars) and their weighted sum under "loss".
 
-    - x0_mse: mean squared error in standardised units (divided by latent_scale^2), so its size does not
-      depend on the latent scale.
-    - rounding: cross-entropy of the tokens against the tied rounding logits of the prediction — it keeps
+    - x_t / x_1: distance of the network's output to its target, from x_t at the batch's t / from x_1
+      (in standardised units, so its size does not depend on text.latent_scale);
+    - rounding: cross-entropy of the tokens against the tied rounding logits of the x0 estimate — it keeps
       the prediction decodable (Diffusion-LM's decoder NLL, the seed's "prob" loss).
     """
-    x0_hat = x0_hat.float()
-    mse = ((x0_hat - x0) ** 2).mean() / space.latent_scale**2
-    logits = space.logits(x0_hat)  # (B, L, V)
-    rounding = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
-    total = mse + config.rounding_weight * rounding
+    scale = space.latent_scale if latent_target else 1.0
+    weight = config.rounding_weight if rounding_weight is None else rounding_weight
+    terms: dict[str, torch.Tensor] = {}
+    total = torch.zeros((), device=ids.device)
+    terms["x_t"] = reduce(distance(pred.output, pred.target, config.distance, scale), config.reduction)
+    total = total + config.x_t_weight * terms["x_t"]
+    if pred_1 is not None:
+        terms["x_1"] = reduce(distance(pred_1.output, pred_1.target, config.distance, scale), config.reduction)
+        total = total + config.x_1_weight * terms["x_1"]
+    sources = {"x_t": [pred], "x_1": [pred_1], "both": [pred, pred_1]}[config.rounding_on]
+    if any(p is None for p in sources):
+        raise ValueError(f"loss.rounding_on={config.rounding_on!r} needs the x_1 pass")
+    rounding = torch.zeros((), device=ids.device)
+    for p in sources:
+        assert p is not None
+        logits = space.logits(p.x0_hat.float())  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+        rounding = rounding + reduce(ce, config.reduction)
+    terms["rounding"] = rounding
+    total = total + weight * rounding
     with torch.no_grad():
-        accuracy = (logits.argmax(-1) == ids).float().mean()
-    return {"loss": total, "x0_mse": mse, "rounding": rounding, "token_accuracy": accuracy}
+        accuracy = (space.logits(pred.x0_hat.float()).argmax(-1) == ids).float().mean()
+    return {"loss": total, **terms, "token_accuracy": accuracy}
 
 
 def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace) -> dict[str, torch.Tensor]:

@@ -86,7 +86,13 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
         intermediate=intermediate, layers=m.layers, max_length=config.text.max_length, use_pooled=m.use_pooled,
         grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
         dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
+        pooled_mode=m.pooled_mode,
     )
+
+
+def make_diffusion(config: Config) -> GaussianDiffusion:
+    d = config.diffusion
+    return GaussianDiffusion.from_schedule(d.schedule, d.timesteps, target=d.target, interval=d.target_interval)
 
 
 def decoder_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: int) -> DecoderShape:
@@ -115,7 +121,7 @@ def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterab
         denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
         if config.model.init_from_backbone:
             denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
-    diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    diffusion = make_diffusion(config)
     return CaptionModel(config, space, denoiser, diffusion)
 
 
@@ -139,25 +145,34 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
     except (KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{directory}: weights do not match the stored model shape ({exc})") from exc
     denoiser.eval()
-    diffusion = GaussianDiffusion.from_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    diffusion = make_diffusion(config)
     return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes")), meta
 
 
 def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Tensor, image: ImageFeatures,
-                    keep: torch.Tensor, self_condition: bool) -> dict[str, torch.Tensor]:
+                    keep: torch.Tensor, self_condition: bool,
+                    rounding_weight: float | None = None) -> dict[str, torch.Tensor]:
     """Every loss term of one batch (and their weighted sum, "loss"), for either kind of model.
 
     `network` is the (possibly distributed-wrapped) trainable copy of `model.denoiser`; `keep` drops the image
-    of some rows (classifier-free guidance, diffusion only); `self_condition` runs the self-conditioning pass.
+    of some rows (classifier-free guidance, diffusion only); `self_condition` runs the self-conditioning pass;
+    `rounding_weight` overrides the config's (the dynamic weight).
     """
     if model.autoregressive:
         return decoder_losses(network(ids, image), ids, model.space)
+    lc, k = model.config.loss, model.config.train.samples_per_caption
+    if k > 1:  # k noise levels per caption: repeat the batch
+        ids, image, keep = ids.repeat(k, 1), image.repeat(k), keep.repeat(k)
     x0 = model.space.embed(ids)  # (B, L, D)
     t = model.diffusion.sample_timesteps(len(ids), device=ids.device)
     fn = lambda x, tt, sc: network(x, tt, image, keep, sc)  # noqa: E731
-    _, x0_hat = model.diffusion.training_prediction(fn, x0, t, torch.randn_like(x0), self_condition)
+    pred = model.diffusion.training_prediction(fn, x0, t, torch.randn_like(x0), self_condition)
+    pred_1 = None
+    if lc.x_1_weight > 0 or lc.rounding_on != "x_t":  # the least noisy level, t = 0 (x_1 in 1-based terms)
+        pred_1 = model.diffusion.training_prediction(fn, x0, torch.zeros_like(t), torch.randn_like(x0), False)
     with torch.autocast(device_type=ids.device.type, enabled=False):  # distances and rounding logits in fp32
-        return caption_losses(x0_hat.float(), x0, ids, model.space, model.config.loss)
+        return caption_losses(pred, ids, model.space, lc, pred_1=pred_1,
+                              latent_target=model.diffusion.target != "eps", rounding_weight=rounding_weight)
 
 
 @dataclass

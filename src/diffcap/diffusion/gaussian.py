@@ -1,9 +1,18 @@
 """Gaussian diffusion on continuous sequences, as a small pure object.
 
-It knows the noise schedule and nothing else: the network is passed in as a function
-`model(x_t, t, self_cond) -> x0_hat`, text and images are invisible here, and the only hook into the
+It knows the noise schedule and what the network predicts, and nothing else: the network is passed in as a
+function `model(x_t, t, self_cond) -> output`, text and images are invisible here, and the only hook into the
 domain is `denoised_fn`, applied to every predicted x0 during sampling (where the text space's clamping
-to the nearest word embeddings goes). Modelled on openai/improved-diffusion's `GaussianDiffusion` and
+to the nearest word embeddings goes).
+
+What the network's output means is the `target` (improved-diffusion's ModelMeanType, extended):
+
+- "x0": the clean latents (default; Diffusion-LM's x0-parameterisation);
+- "eps": the noise that was added;
+- "x_prev": x_{t-k}, the same sample k levels less noisy (`interval` = k; the original's X_INTERVAL),
+  built with the same noise, and x0 itself when t < k.
+
+`to_x0` turns any output into the x0 estimate used for self-conditioning, rounding and sampling. Modelled on openai/improved-diffusion's `GaussianDiffusion` and
 its `respace.py`: any number of sampling steps S <= T is a sampling-time choice, no retraining.
 """
 
@@ -11,13 +20,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from diffcap.diffusion.schedule import alpha_bar
 
-# model(x_t (B, L, D), t (B,) long, self_cond (B, L, D) or None) -> predicted x0 (B, L, D)
+# model(x_t (B, L, D), t (B,) long, self_cond (B, L, D) or None) -> output (B, L, D), meaning set by the target
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Target = Literal["x0", "eps", "x_prev"]
+TARGETS = ("x0", "eps", "x_prev")
+
+
+@dataclass
+class TrainingPrediction:
+    x_t: torch.Tensor  # (B, L, D) the noised input
+    output: torch.Tensor  # (B, L, D) what the network returned
+    target: torch.Tensor  # (B, L, D) what it should have returned
+    x0_hat: torch.Tensor  # (B, L, D) the output as an estimate of x0
 
 
 @dataclass
@@ -28,16 +48,22 @@ class SampleResult:
 
 
 class GaussianDiffusion:
-    def __init__(self, alpha_bars: torch.Tensor) -> None:
+    def __init__(self, alpha_bars: torch.Tensor, target: Target = "x0", interval: int = 30) -> None:
         if alpha_bars.ndim != 1 or len(alpha_bars) < 2:
             raise ValueError("alpha_bars must be a 1-D tensor of at least 2 levels")
         if not bool(torch.all(alpha_bars[1:] < alpha_bars[:-1])) or not (0 < float(alpha_bars[-1]) < 1):
             raise ValueError("alpha_bars must decrease strictly and stay within (0, 1)")
+        if target not in TARGETS:
+            raise ValueError(f"unknown prediction target {target!r}; choose one of: {', '.join(TARGETS)}")
+        if target == "x_prev" and not 1 <= interval < len(alpha_bars):
+            raise ValueError(f"interval must be between 1 and {len(alpha_bars) - 1}, got {interval}")
         self.alpha_bars = alpha_bars.to(torch.float64)
+        self.target = target
+        self.interval = interval
 
     @classmethod
-    def from_schedule(cls, schedule: str, timesteps: int) -> GaussianDiffusion:
-        return cls(alpha_bar(schedule, timesteps))
+    def from_schedule(cls, schedule: str, timesteps: int, target: Target = "x0", interval: int = 30) -> GaussianDiffusion:
+        return cls(alpha_bar(schedule, timesteps), target, interval)
 
     @property
     def num_timesteps(self) -> int:
@@ -58,6 +84,30 @@ class GaussianDiffusion:
                          device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
 
+    # -- what the network predicts -----------------------------------------------------------------------
+    def network_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network should output for x_t = q_sample(x0, t, noise)."""
+        if self.target == "x0":
+            return x0
+        if self.target == "eps":
+            return noise
+        s = t - self.interval
+        x_s = self.q_sample(x0, s.clamp(min=0), noise)
+        return torch.where((s >= 0).view(-1, *([1] * (x0.ndim - 1))), x_s, x0)
+
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output at level t (B,) read as an estimate of x0."""
+        if self.target == "x0":
+            return output
+        signal_t, sigma_t = self._coef(t, x_t)
+        if self.target == "eps":
+            return (x_t - sigma_t * output) / signal_t
+        # x_t = a_t x0 + b_t eps and x_s = a_s x0 + b_s eps (same eps): solve for x0
+        s = t - self.interval
+        signal_s, sigma_s = self._coef(s.clamp(min=0), x_t)
+        x0 = (sigma_t * output - sigma_s * x_t) / (sigma_t * signal_s - sigma_s * signal_t)
+        return torch.where((s >= 0).view(-1, *([1] * (x_t.ndim - 1))), x0, output)
+
     def training_prediction(
         self,
         model: DenoiseFn,
@@ -65,8 +115,8 @@ class GaussianDiffusion:
         t: torch.Tensor,
         noise: torch.Tensor,
         use_self_condition: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, x0_hat) for one training step.
+    ) -> TrainingPrediction:
+        """Network input, output, target and x0 estimate for one training step.
 
         With `use_self_condition` (the caller draws it with probability p, per batch), a first pass without
         gradient predicts x0, which the second pass receives as its self-conditioning input (Analog Bits).
@@ -75,8 +125,9 @@ class GaussianDiffusion:
         self_cond = None
         if use_self_condition:
             with torch.no_grad():
-                self_cond = model(x_t, t, None).detach()
-        return x_t, model(x_t, t, self_cond)
+                self_cond = self.to_x0(model(x_t, t, None), x_t, t).detach()
+        output = model(x_t, t, self_cond)
+        return TrainingPrediction(x_t, output, self.network_target(x0, t, noise), self.to_x0(output, x_t, t))
 
     # -- reverse process ---------------------------------------------------------------------------------
     def sampling_timesteps(self, steps: int) -> list[int]:
@@ -122,7 +173,8 @@ class GaussianDiffusion:
         for i, t in enumerate(times):
             t_model = min(t + time_difference, self.num_timesteps - 1)
             t_batch = torch.full((shape[0],), t_model, dtype=torch.long, device=device)
-            x0_hat = model(x, t_batch, x0_hat if self_condition else None)
+            output = model(x, t_batch, x0_hat if self_condition else None)
+            x0_hat = self.to_x0(output.to(x.dtype), x, torch.full_like(t_batch, t))
             if denoised_fn is not None:
                 x0_hat = denoised_fn(x0_hat)
             if keep_trajectory:

@@ -58,14 +58,19 @@ class DenoiserShape:
     dropout: float
     layer_norm_eps: float = 1e-12
     grid_mode: str = "prefix"  # "prefix": grid cells are sequence positions; "cross": a cross-attended memory
+    pooled_mode: str = "concat"  # "concat": the pooled vector is a prefix position; "add": added to every position
 
     @property
     def cross(self) -> bool:
         return self.grid_mode == "cross" and self.grid_pool > 0
 
     @property
+    def added(self) -> bool:
+        return self.pooled_mode == "add" and self.use_pooled
+
+    @property
     def prefix_length(self) -> int:
-        return int(self.use_pooled) + (0 if self.cross else self.grid_pool**2)
+        return int(self.use_pooled and not self.added) + (0 if self.cross else self.grid_pool**2)
 
     @property
     def memory_length(self) -> int:
@@ -131,6 +136,7 @@ class Denoiser(nn.Module):
         self.types = nn.Embedding(2, H)  # 0 = caption position, 1 = image position
         self.embed_norm = nn.LayerNorm(H, eps=s.layer_norm_eps)
         self.pooled_proj = nn.Linear(s.pooled_dim, H) if s.use_pooled else None
+        self.null_pooled = nn.Parameter(torch.zeros(H)) if s.added else None  # "no image" in add mode
         self.grid_proj = nn.Linear(s.grid_dim, H) if s.grid_pool > 0 else None
         self.prefix_positions = nn.Parameter(torch.zeros(s.prefix_length, H))
         self.null_prefix = nn.Parameter(torch.zeros(s.prefix_length, H))  # the "no image" condition
@@ -156,6 +162,8 @@ class Denoiser(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.normal_(self.prefix_positions, std=0.02)
         nn.init.normal_(self.null_prefix, std=0.02)
+        if self.null_pooled is not None:
+            nn.init.normal_(self.null_pooled, std=0.02)
         if self.shape.cross:
             nn.init.normal_(self.memory_positions, std=0.02)
             nn.init.normal_(self.null_memory, std=0.02)
@@ -184,11 +192,21 @@ class Denoiser(nn.Module):
         if image is None or self.shape.prefix_length == 0:
             return null
         parts = []
-        if self.pooled_proj is not None:
+        if self.pooled_proj is not None and not self.shape.added:
             parts.append(self.pooled_proj(image.pooled).unsqueeze(1))  # (B, 1, H)
         if self.grid_proj is not None and not self.shape.cross:
             parts.append(self._pooled_grid(image))
         return self._drop(torch.cat(parts, dim=1), null, keep)  # (B, P, H)
+
+    def image_added(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """(B, 1, H) the projected pooled vector added to every position ("add" mode; None otherwise)."""
+        if not self.shape.added:
+            return None
+        assert self.null_pooled is not None and self.pooled_proj is not None
+        null = self.null_pooled.view(1, 1, -1).expand(batch, 1, -1)
+        if image is None:
+            return null
+        return self._drop(self.pooled_proj(image.pooled).unsqueeze(1), null, keep)
 
     def image_memory(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """(B, M, H) the grid memory of cross-attention blocks (None in prefix mode)."""
@@ -214,6 +232,9 @@ class Denoiser(nn.Module):
         h = torch.cat([prefix, text], dim=1)  # (B, P + L, H)
         if self.time_mlp is not None:
             h = h + self.time_mlp(timestep_embedding(t, self.shape.hidden)).unsqueeze(1)
+        added = self.image_added(image, keep, B)
+        if added is not None:
+            h = h + added
         h = F.dropout(self.embed_norm(h), self.shape.dropout, self.training)
         memory = self.image_memory(image, keep, B)  # (B, M, H) or None
         for block in self.blocks:

@@ -1,0 +1,133 @@
+"""Every research knob of the config reaches the model: each variant builds, trains a step, samples, and changes
+what it should (and the rest of the config rejects invalid combinations)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffcap.config import ConfigError, load_config
+from diffcap.models.denoiser import ImageFeatures
+from diffcap.pipeline import build_model, generate, training_losses
+
+CAPTIONS = ["a dog runs on the grass", "a red car on a street", "two children play in the snow", "a man rides a bike"]
+
+
+def _model(*overrides: str):
+    config = load_config("tiny", ["model.layers=1", "text.max_length=8", *overrides])
+    torch.manual_seed(0)
+    return build_model(config, pooled_dim=6, grid_dim=5, captions=CAPTIONS)
+
+
+def _batch(model, n: int = 4):
+    g = torch.Generator().manual_seed(0)
+    image = ImageFeatures(torch.randn(n, 6, generator=g), torch.randn(n, 16, 5, generator=g))
+    ids = model.space.encode(CAPTIONS[:n])
+    return ids, image, torch.ones(n, dtype=torch.bool)
+
+
+KNOBS = [
+    [],
+    ["diffusion.target=eps"],
+    ["diffusion.target=x_prev", "diffusion.target_interval=30"],
+    ["diffusion.target=x_prev", "diffusion.target_interval=100"],
+    ["diffusion.schedule=linear"],
+    ["diffusion.schedule=sqrt", "diffusion.timesteps=2000"],
+    ["loss.distance=l1"],
+    ["loss.reduction=series_sum"],
+    ["loss.reduction=series_sum_sample_mean"],
+    ["loss.x_1_weight=1.0"],
+    ["loss.x_1_weight=1.0", "loss.rounding_on=both"],
+    ["loss.x_t_weight=0", "loss.rounding_on=x_1"],
+    ["loss.rounding_weight=0"],
+    ["train.samples_per_caption=3"],
+    ["model.pooled_mode=add"],
+    ["model.grid_mode=cross", "model.grid_pool=4"],
+    ["model.timestep_embedding=false"],
+    ["model.self_condition=false"],
+    ["model.kind=autoregressive"],
+]
+
+
+@pytest.mark.parametrize("overrides", KNOBS, ids=lambda o: ",".join(o) or "default")
+def test_each_variant_trains_a_step_and_samples(overrides: list[str]) -> None:
+    model = _model(*overrides)
+    ids, image, keep = _batch(model)
+    model.denoiser.train()
+    losses = training_losses(model, model.denoiser, ids, image, keep, self_condition=True)
+    assert torch.isfinite(losses["loss"]) and losses["loss"] > 0
+    losses["loss"].backward()
+    grads = [p.grad for p in model.denoiser.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    captions = generate(model, image, steps=3).captions
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
+def test_x_1_term_runs_only_when_asked() -> None:
+    plain, with_x1 = _model(), _model("loss.x_1_weight=0.5")
+    for model, expected in ((plain, False), (with_x1, True)):
+        ids, image, keep = _batch(model)
+        assert ("x_1" in training_losses(model, model.denoiser, ids, image, keep, False)) is expected
+
+
+def test_reductions_scale_as_documented() -> None:
+    values = {}
+    for how in ("mean", "series_sum", "series_sum_sample_mean"):
+        model = _model(f"loss.reduction={how}")
+        ids, image, keep = _batch(model)
+        torch.manual_seed(1)  # the same t and noise for every reduction
+        model.denoiser.eval()
+        values[how] = training_losses(model, model.denoiser, ids, image, keep, False)["x_t"].item()
+    B, L = 4, 8
+    assert values["series_sum"] == pytest.approx(values["mean"] * B * L, rel=1e-4)
+    assert values["series_sum_sample_mean"] == pytest.approx(values["mean"] * L, rel=1e-4)
+
+
+def test_l1_and_mse_differ() -> None:
+    out = {}
+    for kind in ("mse", "l1"):
+        model = _model(f"loss.distance={kind}")
+        ids, image, keep = _batch(model)
+        torch.manual_seed(1)
+        model.denoiser.eval()
+        out[kind] = training_losses(model, model.denoiser, ids, image, keep, False)["x_t"].item()
+    assert out["mse"] != pytest.approx(out["l1"])
+
+
+def test_samples_per_caption_multiplies_the_batch() -> None:
+    model = _model("train.samples_per_caption=3")
+    ids, image, keep = _batch(model)
+    seen = []
+    handle = model.denoiser.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    training_losses(model, model.denoiser, ids, image, keep, False)
+    handle.remove()
+    assert seen == [12]
+
+
+def test_eps_target_trains_the_network_to_predict_noise() -> None:
+    """With target=eps the network's training target is the noise that made x_t."""
+    model = _model("diffusion.target=eps")
+    ids, image, keep = _batch(model)
+    x0 = model.space.embed(ids)
+    t, noise = torch.full((4,), 500), torch.randn_like(x0)
+    fn = lambda x, tt, sc: model.denoiser(x, tt, image, keep, sc)  # noqa: E731
+    pred = model.diffusion.training_prediction(fn, x0, t, noise, False)
+    torch.testing.assert_close(pred.target, noise)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["diffusion.target=v"], "diffusion.target"),
+    (["diffusion.target=x_prev", "diffusion.target_interval=1000"], "diffusion.target_interval"),
+    (["loss.distance=l2"], "loss.distance"),
+    (["loss.reduction=sum"], "loss.reduction"),
+    (["loss.x_t_weight=0", "loss.rounding_weight=0"], "loss.x_t_weight"),
+    (["loss.rounding_on=x_2"], "loss.rounding_on"),
+    (["loss.x_1_weight=-1"], "loss.x_1_weight"),
+    (["model.pooled_mode=mul"], "model.pooled_mode"),
+    (["model.grid_mode=attention"], "model.grid_mode"),
+    (["train.samples_per_caption=0"], "train.samples_per_caption"),
+    (["model.kind=autoregressive", "model.grid_pool=0"], "model.grid_pool"),
+])
+def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config("default", overrides)
