@@ -23,9 +23,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from diffcap.data.features import FeatureCacheError
     from diffcap.data.images import ImageLoadError
     from diffcap.text.space import TextSpaceError
+    from diffcap.train import TrainingDiverged
 
     return (CheckpointError, ConfigError, DatasetError, FeatureCacheError, ImageLoadError, TextSpaceError,
-            FileExistsError, FileNotFoundError, ValueError)
+            TrainingDiverged, FileExistsError, FileNotFoundError, ValueError)
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -127,7 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         table = table.shuffled(seed=0)
     # the sampler settings used: each flag given, or the checkpoint's own default
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
-                for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed")}
+                for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
+                             "beam_size")}
     result = evaluate_records(model, usable, table, **settings)
     result = {
         "metrics": result["metrics"],
@@ -179,6 +181,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if result["errors"] == 0 else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from diffcap.report import build_report
+
+    steps = [int(s) for s in args.steps.split(",") if s.strip()] if args.steps else []
+    page = build_report(args.run_dir, args.out, sweep=not args.no_sweep, root=args.root, split=args.split,
+                        cache_dir=args.cache_dir, limit=args.limit, steps=steps, gallery=args.gallery,
+                        trajectories=args.trajectories, meteor=args.meteor)
+    print(f"report: {page}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from diffcap.experiments import sweep
+
+    runs, failed = sweep(args.config, args.grid, budget_minutes=args.budget_minutes, out=args.out,
+                         fixed=args.overrides, evaluate=not args.no_evaluate, eval_limit=args.eval_limit,
+                         dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"{len(runs)} runs under {args.out}; compare them with: diffcap compare {args.out}/*")
+    if failed:
+        print(f"error: {len(failed)} variant(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from diffcap.experiments import compare
+
+    run_dirs = [d for d in args.run_dirs if (d / "config.json").is_file()]
+    for d in args.run_dirs:
+        if d not in run_dirs:
+            print(f"skipping {d}: not a training run (no config.json)", file=sys.stderr)
+    print(f"wrote {compare(run_dirs, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcap", description="Image captioning with a continuous diffusion language model")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -226,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge immediate repeats of a word when decoding (default: the checkpoint's)")
     p.add_argument("--end-penalty", type=float, default=None,
                    help="rounding margin against ending the caption (default: the checkpoint's sample.end_penalty)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="diffusion: sample N captions per image, keep the minimum-Bayes-risk one (default: the checkpoint's)")
+    p.add_argument("--beam-size", type=int, default=None,
+                   help="autoregressive baseline: beam width, 1 = greedy (default: the checkpoint's)")
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")
@@ -248,6 +290,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="with --benchmark: clients sending at once")
     p.add_argument("--steps", type=int, default=None, help="with --benchmark: denoising steps per request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
+    p.add_argument("config", help="base preset name or JSON file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides shared by every variant")
+    p.add_argument("--grid", action="append", default=[], required=True, metavar="KEY=V1,V2",
+                   help="a config key and the values to try; repeat for a full product of several keys")
+    p.add_argument("--budget-minutes", type=float, required=True, help="training wall-clock budget of each run")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="parent folder of the run directories")
+    p.add_argument("--eval-limit", type=int, default=None, help="score each run on the first N eval images only")
+    p.add_argument("--no-evaluate", action="store_true", help="train only (compare then uses training's own evals)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the train/evaluate commands (to launch one per GPU elsewhere) instead of running them")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="a Markdown table and plots comparing training runs")
+    p.add_argument("run_dirs", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="folder for compare.md and the PNGs")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="figures and an HTML page about a training run (losses, dev scores, "
+                                      "scores vs sampling steps, trajectories, a gallery)")
+    p.add_argument("run_dir", type=Path, help="a run directory of `diffcap train` (tb/, evals.jsonl, checkpoint/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/report)")
+    p.add_argument("--limit", type=int, default=50, help="dev images captioned for the report (default 50)")
+    p.add_argument("--steps", default="1,5,10,20", help="sampling step counts of the sweep, comma-separated")
+    p.add_argument("--no-sweep", action="store_true", help="skip the scores-vs-steps sweep (the expensive part)")
+    p.add_argument("--gallery", type=int, default=12, help="dev images shown with their captions")
+    p.add_argument("--trajectories", type=int, default=3, help="dev images whose denoising is drawn")
+    p.add_argument("--meteor", action="store_true", help="also METEOR in the sweep (starts Java; slower)")
+    p.add_argument("--root", default=None, help="dataset folder, if it moved since training (default: the run's)")
+    p.add_argument("--split", default=None, help="split to caption (default: the run's eval split, else dev)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: the run's)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="train a small model on generated shape images and caption held-out ones into an HTML page")
     p.add_argument("--out", default="runs/demo")

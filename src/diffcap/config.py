@@ -239,7 +239,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-4")
-        set_value(config, key.strip(), _parse_literal(raw.strip()))
+        set_value(config, key.strip(), parse_literal(raw.strip()))
     validate(config)
     return config
 
@@ -263,7 +263,7 @@ def all_keys(config: Config | None = None) -> list[str]:
     return list(_flatten((config or Config()).to_dict()))
 
 
-def _parse_literal(raw: str) -> Any:
+def parse_literal(raw: str) -> Any:
     """Command-line text to a Python value: JSON where it parses (numbers, true/false), else the string."""
     lowered = raw.lower()
     if lowered in ("true", "false"):

@@ -3,8 +3,17 @@
 Data: every (image, caption) pair of the training split; image features come from the on-disk cache,
 held in memory; captions are tokenised once. Each step draws a batch, noises the caption latents at a random
 t, optionally self-conditions, drops the image with probability `cond_drop_prob`, and minimises the x0
-distance + rounding cross-entropy. Runs through `accelerate` (one process here; the loop shards data by
-rank and lets accelerate synchronise gradients, so multi-process runs need no change to this file).
+distance + rounding cross-entropy. Runs through `accelerate`: under `accelerate launch` every process takes
+an equal, disjoint shard of each epoch (train.batch_size is per process), gradients are averaged across processes,
+logged values are means over processes, and only the main process writes checkpoints and logs.
+
+Crash safety and exact resume: every batch's randomness (noise, t, dropped conditions, the self-conditioning
+coin) is seeded from (train.seed, process, epoch, position in the epoch), and checkpoints hold the weights, EMA,
+optimizer moments, step, epoch, position, elapsed time and RNG states, so a run killed at any point and resumed
+reaches the same weights as one never interrupted (bit-identical on CPU in fp32, when train.max_steps rather than
+the wall-clock budget sets the schedule). A non-finite loss or gradient skips the step (no optimizer or EMA
+update); train.max_bad_steps of them in a row stop the run, and a checkpoint with a non-finite value is never
+written.
 
 Checkpoints go to RUN_DIR/checkpoint (EMA weights for captioning + full training state for --resume),
 TensorBoard events to RUN_DIR/tb, periodic dev scores to RUN_DIR/evals.jsonl.
@@ -26,13 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffcap.checkpoint import CheckpointError, load_train_state, prefixed, save_checkpoint, unprefixed
+from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_state, prefixed, recover,
+                                 save_checkpoint, unprefixed)
 from diffcap.config import Config
 from diffcap.data.datasets import check_no_leakage
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
-from diffcap.losses import caption_losses
-from diffcap.pipeline import CaptionModel, build_model, image_key_hashes
+from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, training_losses
 
 log = logging.getLogger("diffcap")
 
@@ -42,6 +51,83 @@ class TrainData:
     table: FeatureTable  # image features of the training images
     rows: torch.Tensor  # (N,) feature row of each caption
     ids: torch.Tensor  # (N, L) token indices of each caption
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or its gradient was not finite for train.max_bad_steps consecutive steps, or a checkpoint
+    would have held a non-finite value."""
+
+
+def shard_order(n: int, seed: int, epoch: int, rank: int, world: int) -> torch.Tensor:
+    """This process's caption indices for one epoch: one shuffle shared by every process (seeded by seed and
+    epoch), cut to a multiple of `world`, every world-th index from `rank`: equal, disjoint shards."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[: n - n % world][rank::world]
+
+
+def seed_batch(seed: int, rank: int, epoch: int, position: int) -> None:
+    """Seed torch (CPU and GPU), random and numpy for one batch from where the run is, so a resumed run draws
+    exactly what an uninterrupted one would, and every process draws differently."""
+    words = np.random.SeedSequence([seed, rank, epoch, position]).generate_state(2)
+    value = (int(words[0]) << 32) | int(words[1])
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(int(words[0]))
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process, as JSON."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch_rng": torch.get_rng_state().tolist(),
+        "cuda_rng": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "python_rng": [version, list(internal), gauss],
+        "numpy_rng": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(meta: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved (the parts a checkpoint has)."""
+    if "torch_rng" in meta:
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    cuda = meta.get("cuda_rng") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in cuda])
+    if "python_rng" in meta:
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy_rng" in meta:
+        name, keys, pos, has_gauss, cached = meta["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def check_resumable(ckpt_dir: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: CaptionModel,
+                    encoder_identity: dict[str, Any]) -> None:
+    """Refuse to continue a checkpoint made with another image encoder or in another text space."""
+    stored = meta.get("encoder")
+    current = json.loads(json.dumps(encoder_identity))
+    if stored is not None and stored != current:
+        fields = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        raise CheckpointError(
+            f"{ckpt_dir} was trained on the features of another image encoder or preprocessing "
+            f"({'; '.join(f'{k}: checkpoint {stored.get(k)!r}, this run {current.get(k)!r}' for k in fields)}); "
+            "resume it with its own encoder.name, or start a new run"
+        )
+    mine, theirs = model.space.state_dict(), unprefixed("text", tensors)
+    if set(mine) != set(theirs) or any(mine[k].shape != theirs[k].shape or not torch.equal(mine[k].cpu(), theirs[k])
+                                       for k in mine):
+        raise CheckpointError(
+            f"{ckpt_dir} was trained in another text space (checkpoint {meta.get('text')}, this run "
+            f"{model.space.describe()}): another text.backbone, text.max_length or text.latent_scale, or a "
+            "vocabulary built from other training captions; resume with the checkpoint's config and data, or start "
+            "a new run"
+        )
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def lr_at(config: Config, step: int, progress: float) -> float:
@@ -86,14 +172,19 @@ def features_root(config: Config) -> Path:
     return default_cache_dir(config.data.dataset, Path(config.data.root), config.encoder.name)
 
 
-def prepare_data(config: Config, split: str, cache_root: Path) -> tuple[list, FeatureTable]:
-    """A split's records that have features, and their features (computed and cached on first use)."""
+def prepare_data(config: Config, split: str, cache_root: Path, state: Any | None = None) -> tuple[list, FeatureTable]:
+    """A split's records that have features, and their features (computed and cached on first use; `state`:
+    the Accelerator, so that several processes share the work)."""
     records = split_records(config.data, split)
     encoder = load_encoder(config.encoder.name)
-    cache = ensure_features(encoder, records, cache_root / split)
+    cache = ensure_features(encoder, records, cache_root / split, state=state,
+                            progress=state is None or state.is_main_process)
     usable = [r for r in records if r.key in cache]
     if len(usable) < len(records):
-        log.warning("%d %s images have no features (unreadable files) and are left out", len(records) - len(usable), split)
+        left_out = [r.key for r in records if r.key not in cache]
+        log.warning("%d %s images have no features (unreadable files) and are left out: %s", len(left_out), split,
+                    "; ".join(f"{k} ({cache.failed.get(k, 'no features')})" for k in left_out[:10])
+                    + (f" and {len(left_out) - 10} more" if len(left_out) > 10 else ""))
     return usable, FeatureTable.from_cache(cache, [r.key for r in usable])
 
 
@@ -104,9 +195,14 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     tr = config.train
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoint"
+    # cpu=True without GPUs: under `accelerate launch`, a plain Accelerator() on CPUs would run independent,
+    # unsynchronised copies instead of joining one process group
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if tr.precision == "bf16" else "no")
+    if accelerator.is_main_process:
+        recover(ckpt_dir)  # a save that a kill interrupted between its two renames
+    accelerator.wait_for_everyone()
     if not resume and ckpt_dir.exists():
         raise FileExistsError(f"{run_dir} already holds a checkpoint; pass --resume to continue it or choose another run dir")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if tr.precision == "bf16" else "no")
     device = accelerator.device
     torch.manual_seed(tr.seed)
     random.seed(tr.seed)
@@ -114,10 +210,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
 
     # -- data -------------------------------------------------------------------------------------------
     cache_root = features_root(config)
-    train_records, train_table = prepare_data(config, config.data.train_split, cache_root)
+    train_records, train_table = prepare_data(config, config.data.train_split, cache_root, accelerator)
     eval_records, eval_table = [], None
     if config.data.eval_split:
-        eval_records, eval_table = prepare_data(config, config.data.eval_split, cache_root)
+        eval_records, eval_table = prepare_data(config, config.data.eval_split, cache_root, accelerator)
         check_no_leakage({config.data.train_split: train_records, config.data.eval_split: eval_records})
     encoder_identity = load_encoder(config.encoder.name).identity()
     captions = [c for r in train_records for c in r.captions]
@@ -138,31 +234,48 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=(0.9, 0.98))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0}
-    if resume:
-        if not ckpt_dir.exists():
-            raise CheckpointError(f"nothing to resume: {ckpt_dir} does not exist")
+    saved_step: int | None = None  # step of the newest checkpoint on disk
+    if resume and not ckpt_dir.exists():
+        log.warning("--resume: %s holds no checkpoint yet; starting from step 0", run_dir)
+    elif resume:
+        saved, saved_meta, saved_tensors = load_checkpoint(ckpt_dir)
         meta, tensors = load_train_state(ckpt_dir)
-        saved = json.loads((ckpt_dir / "config.json").read_text())
         if saved != json.loads(config.to_json()):
             diff = Config.from_dict(saved).differences(config)
             log.warning("resuming with a config that differs from the checkpoint's: %s", diff)
-        denoiser.load_state_dict(unprefixed("model", tensors))
-        from safetensors.torch import load_file
-        ema.load_state_dict(unprefixed("denoiser", load_file(str(ckpt_dir / "model.safetensors"))))
-        load_optimizer(optimizer, unprefixed("optim", tensors), meta["optimizer"])
+        check_resumable(ckpt_dir, saved_meta, saved_tensors, model, encoder_identity)
+        try:
+            denoiser.load_state_dict(unprefixed("model", tensors))
+            ema.load_state_dict(unprefixed("denoiser", saved_tensors))
+            load_optimizer(optimizer, unprefixed("optim", tensors), meta["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt_dir} does not fit this config's model (was model.* changed?): {exc}") from exc
         state = {k: meta[k] for k in ("step", "epoch", "position", "elapsed")}
-        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        set_rng_state(meta)
+        saved_step = state["step"]
         log.info("resumed from step %d", state["step"])
     denoiser, optimizer = accelerator.prepare(denoiser, optimizer)
     writer = SummaryWriter(str(run_dir / "tb")) if accelerator.is_main_process else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json())
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json())
 
     def checkpoint(extra: dict[str, Any] | None = None) -> None:
+        nonlocal saved_step
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+        # every process checks (their weights are identical), so that all of them stop together
+        bad = non_finite({**prefixed("model", model.denoiser.state_dict()), **prefixed("ema", ema.state_dict()),
+                          **prefixed("optim", optimizer_tensors(inner)[0])})
+        if bad:
+            raise TrainingDiverged(
+                f"refusing to write a checkpoint at step {state['step']}: non-finite values in {', '.join(bad[:5])}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + "; "
+                + (f"{ckpt_dir} still holds step {saved_step}" if saved_step is not None else "no checkpoint was written")
+            )
         if accelerator.is_main_process:
-            full = {**state, "torch_rng": torch.get_rng_state().tolist()}
-            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
+            full = {**state, **rng_state()}
             save_run_checkpoint(run_dir, model, ema, inner, full, {"encoder": encoder_identity, **(extra or {})})
+        saved_step = state["step"]
 
     def evaluate(limit: int) -> dict[str, float]:
         assert eval_table is not None
@@ -177,6 +290,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
 
     # -- loop -------------------------------------------------------------------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
+    bad_steps = 0  # non-finite steps in a row
     if len(data.rows) < world:
         raise ValueError(f"{len(data.rows)} training captions cannot be shared among {world} processes")
     budget = tr.max_minutes * 60
@@ -185,10 +299,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                disable=not (progress and accelerator.is_main_process))
     last_log, seen_since_log = time.perf_counter(), 0
     while state["step"] < tr.max_steps and time.perf_counter() - started < budget:
-        order = torch.randperm(len(data.rows), generator=torch.Generator().manual_seed(tr.seed + state["epoch"]))
-        order = order[: len(order) - len(order) % world][rank::world]  # equal shards, one per process
+        order = shard_order(len(data.rows), tr.seed, state["epoch"], rank, world)
         while state["position"] < len(order):  # the last batch of an epoch may be smaller
             batch = order[state["position"]: state["position"] + tr.batch_size]
+            seed_batch(tr.seed, rank, state["epoch"], state["position"])
             state["position"] += len(batch)
             step = state["step"]
             progress_frac = max(step / tr.max_steps, (time.perf_counter() - started) / budget)
@@ -197,22 +311,34 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
 
             ids = data.ids[batch].to(device)  # (B, L)
             image = data.table.batch(data.rows[batch], device)
-            x0 = model.space.embed(ids)  # (B, L, D)
-            t = model.diffusion.sample_timesteps(len(batch), device=device)
             keep = torch.rand(len(batch), device=device) >= tr.cond_drop_prob
-            use_sc = model.denoiser.shape.self_condition and random.random() < tr.self_condition_prob
+            use_sc = not model.autoregressive and model.denoiser.shape.self_condition \
+                and random.random() < tr.self_condition_prob
             with accelerator.autocast():
-                fn = lambda x, tt, sc: denoiser(x, tt, image, keep, sc)  # noqa: E731
-                _, x0_hat = model.diffusion.training_prediction(fn, x0, t, torch.randn_like(x0), use_sc)
-            losses = caption_losses(x0_hat, x0, ids, model.space, config.loss)
-            if not torch.isfinite(losses["loss"]):
-                log.warning("non-finite loss at step %d; skipping the update", step)
+                losses = training_losses(model, denoiser, ids, image, keep, use_sc)
+            bad = not bool(torch.isfinite(losses["loss"]))
+            if world > 1:  # every process must skip the same steps (or the gradient all-reduce would hang)
+                bad = bool(accelerator.reduce(torch.tensor([float(bad)], device=device), "sum").item() > 0)
+            if not bad:
                 optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(losses["loss"])
+                # the norm of the averaged gradient, the same on every process; inf = measure without clipping
+                norm = accelerator.clip_grad_norm_(denoiser.parameters(), tr.grad_clip if tr.grad_clip > 0 else math.inf)
+                bad = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+            if bad:  # skip: no optimizer step, no EMA update, the step counter stays
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                log.warning("non-finite loss or gradient at step %d (%d in a row); update skipped", step, bad_steps)
+                if bad_steps >= tr.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"training diverged: the loss or its gradient was not finite for {bad_steps} steps in a row "
+                        f"(train.max_bad_steps={tr.max_bad_steps}) at step {step}; stopped. "
+                        + (f"{ckpt_dir} (step {saved_step}) holds no NaN: resume it with --resume after lowering "
+                           "train.lr, setting train.precision=fp32 or train.grad_clip" if saved_step is not None
+                           else "No checkpoint was written; lower train.lr or set train.precision=fp32")
+                    )
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(losses["loss"])
-            if tr.grad_clip > 0:
-                accelerator.clip_grad_norm_(denoiser.parameters(), tr.grad_clip)
+            bad_steps = 0
             optimizer.step()
             with torch.no_grad():
                 d = min(tr.ema_decay, (1 + step) / (10 + step))  # short warmup of the average
@@ -223,9 +349,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             seen_since_log += len(batch) * world
             bar.update(1)
 
+            if step % tr.log_every == 0:  # every process joins the reduce; the main one writes
+                values = {k: float(accelerator.reduce(v.detach().float(), "mean")) for k, v in losses.items()}
             if writer is not None and step % tr.log_every == 0:
                 now = time.perf_counter()
-                values = {k: float(accelerator.reduce(v.detach(), "mean")) for k, v in losses.items()}
                 for k, v in values.items():
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
@@ -256,6 +383,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         break
     bar.close()
     checkpoint({"finished": True})
+    accelerator.wait_for_everyone()  # every process returns once the checkpoint is complete
     if eval_table is not None and accelerator.is_main_process:
         metrics = evaluate(tr.eval_limit)
         with open(run_dir / "evals.jsonl", "a") as f:
