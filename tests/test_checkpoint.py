@@ -333,3 +333,22 @@ def test_disk_full_keeps_previous_checkpoint_with_a_clear_message(tmp_path, monk
     _assert_checkpoint(tmp_path / "ckpt", 0)
     assert load_train_state(tmp_path / "ckpt")[0] == {"step": 0}
     assert _leftovers(tmp_path) == []
+
+
+def test_export_writes_a_small_fp16_checkpoint_that_captions_alike(tiny_checkpoint: Path, shapes_jsonl: Path,
+                                                                   tmp_path: Path) -> None:
+    from diffcap.captioner import Captioner
+    from diffcap.pipeline import export_model
+
+    out = export_model(tiny_checkpoint, tmp_path / "exported")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "meta.json", "model.safetensors"]
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (tiny_checkpoint / "model.safetensors").stat().st_size
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(out / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for k, v in tensors.items() if k.startswith("denoiser."))
+    assert tensors["text.mean"].dtype == torch.float32  # the latent statistics stay exact
+    images = sorted((shapes_jsonl.parent / "images").glob("dev_*.png"))
+    full, half = Captioner.from_pretrained(tiny_checkpoint), Captioner.from_pretrained(out)
+    assert next(half.model.denoiser.parameters()).dtype == torch.float32  # computed in fp32 after loading
+    assert half.caption(images, seed=1) == full.caption(images, seed=1)

@@ -192,6 +192,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffcap.pipeline import export_model
+
+    out = export_model(args.checkpoint, args.out, half=not args.fp32)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"exported {args.checkpoint} -> {out} ({size:.1f} MiB)")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from diffcap.experiments import sweep
 
@@ -290,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="with --benchmark: clients sending at once")
     p.add_argument("--steps", type=int, default=None, help="with --benchmark: denoising steps per request")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="a captioning-only copy of a checkpoint (fp16 weights, no training state)")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--fp32", action="store_true", help="keep the weights in fp32")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
     p.add_argument("config", help="base preset name or JSON file")

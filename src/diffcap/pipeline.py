@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from diffcap.checkpoint import CheckpointError, load_checkpoint, prefixed, unprefixed
+from diffcap.checkpoint import CheckpointError, load_checkpoint, prefixed, save_checkpoint, unprefixed
 from diffcap.config import Config, ConfigError
 from diffcap.diffusion.gaussian import GaussianDiffusion
 from diffcap.losses import caption_losses, decoder_losses
@@ -173,6 +174,18 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
     with torch.autocast(device_type=ids.device.type, enabled=False):  # distances and rounding logits in fp32
         return caption_losses(pred, ids, model.space, lc, pred_1=pred_1,
                               latent_target=model.diffusion.target != "eps", rounding_weight=rounding_weight)
+
+
+def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:
+    """A captioning-only copy of a checkpoint: no optimizer or training state, network weights in fp16 when
+    `half` (text-space statistics and vocabulary stay exact). It loads with `load_model` like any other."""
+    config, meta, tensors = load_checkpoint(Path(source))
+    out = {k: v.half() if half and k.startswith("denoiser.") and v.is_floating_point() else v
+           for k, v in tensors.items()}
+    meta = {k: v for k, v in meta.items() if k != "format_version"}
+    meta.update(exported_from=str(source), weights_dtype="float16" if half else "float32")
+    return save_checkpoint(Path(destination), config_json=json.dumps(config, indent=2, sort_keys=True), meta=meta,
+                           tensors=out)
 
 
 @dataclass
