@@ -150,3 +150,13 @@ def test_candidates_choose_among_the_seeded_samples(tiny_checkpoint: Path, shape
     assert generate(captioner.model, features, seed=10, candidates=1).captions == samples[0]
     with pytest.raises(ValueError, match="candidates"):
         generate(captioner.model, features, candidates=0)
+
+
+def test_bf16_sampling_gives_captions_and_bad_precisions_are_refused(tiny_checkpoint: Path, shapes_jsonl: Path) -> None:
+    captioner = Captioner.from_pretrained(tiny_checkpoint)
+    features = captioner.features(sorted((shapes_jsonl.parent / "images").glob("dev_*.png")))
+    fp32 = generate(captioner.model, features, seed=4).captions
+    bf16 = generate(captioner.model, features, seed=4, precision="bf16").captions
+    assert len(bf16) == len(fp32) and all(isinstance(c, str) for c in bf16)
+    with pytest.raises(ValueError, match="precision"):
+        generate(captioner.model, features, precision="fp8")

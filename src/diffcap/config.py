@@ -114,6 +114,7 @@ class SampleConfig:
     end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early
     beam_size: int = 1  # autoregressive models: 1 = greedy decoding
     candidates: int = 1  # diffusion: sample this many captions per image and keep the minimum-Bayes-risk one
+    precision: Literal["fp32", "bf16"] = "fp32"  # the network's matmuls during sampling (bf16 autocast)
     seed: int = 0
 
 
