@@ -1,0 +1,334 @@
+"""The performance suite: `python -m diffcap.bench` prints a table and writes JSON.
+
+Every figure is measured in one run, next to the machine's own ceiling (matmul GFLOP/s at the model's shapes in
+fp32 and bf16), so results are read as ratios that survive a noisy, shared machine:
+
+- ceiling: matmul GFLOP/s at the denoiser's shapes, fp32 and bf16;
+- sampling: ms per caption at batch 1 and captions/s at batch 64, for each step count, with and without
+  guidance; achieved GFLOP/s of the denoiser (FLOPs counted by torch's FlopCounterMode) / the ceiling;
+- autoregressive baseline (when given): greedy and beam, batch 1 and 64; the diffusion / AR latency ratio
+  at the diffusion step count whose quality matches the baseline (`--matched-steps`);
+- training: training samples/s of one optimisation step of the diffusion model at the training batch size
+  (forward, backward, AdamW; bf16 autocast as training runs) and its fraction of the bf16 ceiling;
+- feature extraction images/s; cold start and peak memory of `diffcap caption IMAGE` (a fresh process).
+
+Runs on a GPU unchanged (`--device cuda`; the card's name is recorded). `--tiny` benchmarks randomly initialised
+tiny models on generated images in seconds: what the CI test runs to keep the suite working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffcap.models.denoiser import ImageFeatures
+from diffcap.pipeline import CaptionModel, build_model, generate, load_model, training_losses
+
+STEPS = (1, 2, 5, 10, 20, 50)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- the ceiling -----------------------------------------------------------------------------------------------
+
+
+def matmul_ceiling(hidden: int, rows: int, device: torch.device, *, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of (rows x H) @ (H x 4H) and (rows x 4H) @ (4H x H), the feed-forward shapes, per precision."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(rows, hidden, device=device, dtype=dtype)
+        w1 = torch.randn(hidden, 4 * hidden, device=device, dtype=dtype)
+        w2 = torch.randn(4 * hidden, hidden, device=device, dtype=dtype)
+        b = a @ w1
+
+        def run() -> None:
+            for _ in range(4):
+                a @ w1
+                b @ w2
+
+        seconds = timeit(run, device, repeats=repeats, warmup=2)
+        out[name] = 4 * 2 * (2 * rows * hidden * 4 * hidden) / seconds / 1e9
+    return out
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# -- models ----------------------------------------------------------------------------------------------------
+
+
+def fake_features(model: CaptionModel, batch: int, seed: int = 0) -> ImageFeatures:
+    """Random features of the shapes the model was built for (sampling speed does not depend on values)."""
+    s = model.denoiser.shape
+    g = torch.Generator().manual_seed(seed)
+    return ImageFeatures(torch.randn(batch, s.pooled_dim, generator=g), torch.randn(batch, 49, s.grid_dim, generator=g))
+
+
+def tiny_models() -> tuple[CaptionModel, CaptionModel]:
+    """(diffusion, autoregressive) tiny random models of the tiny preset, built offline in seconds."""
+    from diffcap.config import load_config
+
+    captions = ["a dog runs on the grass", "a red car on a street", "two children play in the snow"]
+    torch.manual_seed(0)
+    diffusion = build_model(load_config("tiny"), 64, 32, captions=captions)
+    ar = build_model(load_config("tiny", ["model.kind=autoregressive"]), 64, 32, captions=captions)
+    return diffusion, ar
+
+
+# -- sections --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any] = field(default_factory=dict)
+    ceiling: dict[str, float] = field(default_factory=dict)
+    sampling: list[dict[str, Any]] = field(default_factory=list)
+    autoregressive: list[dict[str, Any]] = field(default_factory=list)
+    ratios: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
+    caption_process: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def bench_sampling(model: CaptionModel, device: torch.device, ceiling: dict[str, float], *, steps: tuple[int, ...],
+                   batches: tuple[int, ...], guidances: tuple[float, ...], precision: str, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    per_forward = {b: count_flops(lambda b=b: generate(model, fake_features(model, b).to(device), steps=1,
+                                                       precision="fp32")) for b in batches}
+    for b in batches:
+        image = fake_features(model, b).to(device)
+        for w in guidances:
+            for n in steps:
+                seconds = timeit(lambda: generate(model, image, steps=n, guidance=w, precision=precision), device,
+                                 repeats=repeats)
+                flops = per_forward[b] * n * (2 if w > 0 else 1)
+                gflops = flops / seconds / 1e9
+                rows.append({"batch": b, "steps": n, "guidance": w, "precision": precision,
+                             "ms_per_caption": 1000 * seconds / b, "captions_per_s": b / seconds,
+                             "gflops": gflops, "fraction_of_ceiling": gflops / ceiling[precision]})
+    return rows
+
+
+def bench_autoregressive(model: CaptionModel, device: torch.device, *, batches: tuple[int, ...], beams: tuple[int, ...],
+                         precision: str, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for b in batches:
+        image = fake_features(model, b).to(device)
+        for k in beams:
+            seconds = timeit(lambda: generate(model, image, beam_size=k, precision=precision), device, repeats=repeats)
+            rows.append({"batch": b, "beam_size": k, "precision": precision, "ms_per_caption": 1000 * seconds / b,
+                         "captions_per_s": b / seconds})
+    return rows
+
+
+def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str, float], *, batch: int,
+                   repeats: int, epoch_captions: int | None) -> dict[str, Any]:
+    net = model.denoiser.to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.space.vocab_size, (batch, model.space.max_length), device=device)
+    image = fake_features(model, batch).to(device)
+    keep = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def step() -> None:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            losses = training_losses(model, net, ids, image, keep, self_condition=False)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+
+    flops = count_flops(step)
+    seconds = timeit(step, device, repeats=repeats)
+    samples = batch * model.config.train.samples_per_caption
+    net.eval()
+    out = {"batch": batch, "samples_per_s": samples / seconds, "seconds_per_step": seconds,
+           "gflops": flops / seconds / 1e9, "fraction_of_ceiling": flops / seconds / 1e9 / ceiling["bf16"],
+           "note": "one AdamW step, bf16 autocast, without self-conditioning's extra no-grad pass"}
+    if epoch_captions:
+        out["minutes_per_epoch"] = epoch_captions / (samples / seconds) / 60
+    return out
+
+
+def bench_features(encoder_name: str, device: torch.device, *, batch: int, repeats: int) -> dict[str, Any]:
+    from PIL import Image
+
+    from diffcap.encoders.base import build_encoder
+
+    encoder = build_encoder(encoder_name).to(device)
+    g = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 255, (300, 400, 3), generator=g, dtype=torch.uint8).numpy())
+              for _ in range(batch)]
+    seconds = timeit(lambda: encoder.encode(images), device, repeats=repeats)
+    return {"encoder": encoder_name, "batch": batch, "images_per_s": batch / seconds,
+            "note": "preprocessing + forward, in memory (no JPEG decoding)"}
+
+
+def bench_caption_process(checkpoint: Path, image: Path, device: str) -> dict[str, Any]:
+    """Wall time and peak RSS of a fresh `diffcap caption CHECKPOINT IMAGE` process."""
+    start = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    done = subprocess.run([sys.executable, "-m", "diffcap.cli", "caption", str(checkpoint), str(image)],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-500:]}
+    return {"cold_start_s": seconds, "peak_rss_gb": peak / 2**20 if peak > before else None,
+            "caption": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""}
+
+
+# -- the suite -------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> Results:
+    device = torch.device(args.device)
+    results = Results()
+    results.machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "device": str(device),
+                       "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    if args.tiny:
+        diffusion, ar = tiny_models()
+        steps, batches, repeats = (1, 2), (1, 4), 1
+    else:
+        diffusion = load_model(args.checkpoint)[0]
+        ar = load_model(args.ar_checkpoint)[0] if args.ar_checkpoint else None
+        steps, batches, repeats = tuple(args.steps), (1, args.batch), args.repeats
+    diffusion.denoiser.to(device).eval()
+    diffusion.space.to(device)
+    s = diffusion.denoiser.shape
+    rows = batches[-1] * (s.prefix_length + s.max_length)
+    results.ceiling = matmul_ceiling(s.hidden, rows, device, repeats=3 if args.tiny else 5)
+    precision = args.precision
+    guidances = (0.0, args.guidance) if args.guidance > 0 else (0.0,)
+    results.sampling = bench_sampling(diffusion, device, results.ceiling, steps=steps, batches=batches,
+                                      guidances=guidances, precision=precision, repeats=repeats)
+    if ar is not None:
+        ar.denoiser.to(device).eval()
+        ar.space.to(device)
+        results.autoregressive = bench_autoregressive(ar, device, batches=batches, beams=(1, args.beam),
+                                                      precision=precision, repeats=repeats)
+        matched = args.matched_steps if args.matched_steps in steps else steps[-1]
+        diff1 = next(r for r in results.sampling if r["batch"] == 1 and r["steps"] == matched and r["guidance"] == 0)
+        greedy1 = next(r for r in results.autoregressive if r["batch"] == 1 and r["beam_size"] == 1)
+        results.ratios = {"matched_steps": matched,
+                          "latency_diffusion_over_ar_greedy_batch1": diff1["ms_per_caption"] / greedy1["ms_per_caption"]}
+        big = batches[-1]
+        diffb = next(r for r in results.sampling if r["batch"] == big and r["steps"] == matched and r["guidance"] == 0)
+        greedyb = next(r for r in results.autoregressive if r["batch"] == big and r["beam_size"] == 1)
+        results.ratios[f"throughput_diffusion_over_ar_greedy_batch{big}"] = diffb["captions_per_s"] / greedyb["captions_per_s"]
+    results.training = bench_training(diffusion, device, results.ceiling, batch=batches[-1] if args.tiny else 64,
+                                      repeats=repeats, epoch_captions=None if args.tiny else args.epoch_captions)
+    if not args.no_features:
+        results.features = bench_features(diffusion.config.encoder.name, device, batch=4 if args.tiny else 32,
+                                          repeats=repeats)
+    if args.image and not args.tiny:
+        results.caption_process = bench_caption_process(args.checkpoint, args.image, args.device)
+    return results
+
+
+def format_table(results: Results) -> str:
+    lines = [f"machine: {results.machine}",
+             "ceiling (matmul GFLOP/s at the model's shapes): " + ", ".join(f"{k} {v:.0f}" for k, v in results.ceiling.items()),
+             "", "sampling            batch steps guidance  ms/caption  captions/s  GFLOP/s  of ceiling"]
+    for r in results.sampling:
+        lines.append(f"  diffusion {r['precision']:>6} {r['batch']:5d} {r['steps']:5d} {r['guidance']:8.1f} "
+                     f"{r['ms_per_caption']:11.1f} {r['captions_per_s']:11.1f} {r['gflops']:8.0f} {r['fraction_of_ceiling']:10.0%}")
+    for r in results.autoregressive:
+        lines.append(f"  AR beam={r['beam_size']} {r['precision']:>6} {r['batch']:5d}     -        - "
+                     f"{r['ms_per_caption']:11.1f} {r['captions_per_s']:11.1f}")
+    if results.ratios:
+        lines.append(f"ratios: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.ratios.items()})}")
+    t = results.training
+    if t:
+        lines.append(f"training: {t['samples_per_s']:.0f} samples/s at batch {t['batch']}, {t['gflops']:.0f} GFLOP/s = "
+                     f"{t['fraction_of_ceiling']:.0%} of the bf16 ceiling"
+                     + (f", {t['minutes_per_epoch']:.1f} min per epoch" if "minutes_per_epoch" in t else ""))
+    if results.features:
+        lines.append(f"features: {results.features['images_per_s']:.1f} images/s ({results.features['encoder']})")
+    if results.caption_process:
+        lines.append(f"diffcap caption (fresh process): {json.dumps(results.caption_process)}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m diffcap.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, default=None, help="diffusion checkpoint (default: the shipped one)")
+    p.add_argument("--ar-checkpoint", type=Path, default=None, help="autoregressive baseline checkpoint")
+    p.add_argument("--tiny", action="store_true", help="tiny random models, seconds (what CI runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--beam", type=int, default=3)
+    p.add_argument("--guidance", type=float, default=1.0, help="also time guided sampling with this weight (0 = skip)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--matched-steps", type=int, default=20,
+                   help="the diffusion step count whose quality matches the AR baseline (for the latency ratio)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epoch-captions", type=int, default=30_000, help="captions per epoch (Flickr8k train: 30,000)")
+    p.add_argument("--image", type=Path, default=None, help="time `diffcap caption` on this image in a fresh process")
+    p.add_argument("--no-features", action="store_true", help="skip the feature-extraction benchmark")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.tiny and args.checkpoint is None:
+        from diffcap.app import DEFAULT_CHECKPOINT
+
+        if not (DEFAULT_CHECKPOINT / "meta.json").is_file():
+            print("error: no --checkpoint given and no shipped checkpoint found; use --tiny for a smoke run",
+                  file=sys.stderr)
+            return 2
+        args.checkpoint = DEFAULT_CHECKPOINT
+    results = run(args)
+    print(format_table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
+            json.dump(results.to_dict(), f, indent=2)
+        os.replace(f.name, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The benchmark suite keeps working: a tiny run produces every section of the table and the JSON (shapes, not timings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffcap.bench import main
+
+
+def test_tiny_benchmark_writes_every_section(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--tiny", "--no-features", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ceiling"]) == {"fp32", "bf16"} and all(v > 0 for v in result["ceiling"].values())
+    sampling = result["sampling"]
+    assert {(r["batch"], r["steps"], r["guidance"]) for r in sampling} == {
+        (b, n, w) for b in (1, 4) for n in (1, 2) for w in (0.0, 1.0)}
+    for r in sampling:
+        assert r["ms_per_caption"] > 0 and r["captions_per_s"] > 0 and 0 < r["fraction_of_ceiling"]
+    assert {(r["batch"], r["beam_size"]) for r in result["autoregressive"]} == {(1, 1), (1, 3), (4, 1), (4, 3)}
+    assert result["ratios"]["latency_diffusion_over_ar_greedy_batch1"] > 0
+    assert result["training"]["samples_per_s"] > 0 and result["training"]["fraction_of_ceiling"] > 0
+    table = capsys.readouterr().out
+    assert "ceiling" in table and "training:" in table and "AR beam=3" in table
