@@ -131,3 +131,18 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("default", overrides)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "log", "constant"])
+def test_lr_schedules_run_from_lr_to_lr_end(schedule: str) -> None:
+    from diffcap.train import lr_at
+
+    config = load_config("default", [f"train.lr_schedule={schedule}", "train.lr=1e-3", "train.lr_end_ratio=0.01",
+                                     "train.warmup_steps=10"])
+    assert lr_at(config, 0, 0.0) == pytest.approx(1e-4)  # warmup
+    start, middle, end = (lr_at(config, 10, p) for p in (0.0, 0.5, 1.0))
+    assert start == pytest.approx(1e-3)
+    expected_end, expected_middle = {"cosine": (1e-5, 1e-5 + (1e-3 - 1e-5) / 2), "linear": (1e-5, (1e-3 + 1e-5) / 2),
+                                     "log": (1e-5, 1e-4), "constant": (1e-3, 1e-3)}[schedule]
+    assert end == pytest.approx(expected_end) and middle == pytest.approx(expected_middle)
+    assert lr_at(config, 10, 2.0) == pytest.approx(end)  # past the budget stays at the end value

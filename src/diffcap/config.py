@@ -135,6 +135,10 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.01
     warmup_steps: int = 300
+    # after warmup, lr decays to lr * lr_end_ratio over the run: "cosine", "linear" (the original's
+    # "linspace"), "log" (its "logspace", geometric) or "constant"
+    lr_schedule: Literal["cosine", "linear", "log", "constant"] = "cosine"
+    lr_end_ratio: float = 0.1
     max_steps: int = 100_000
     max_minutes: float = 60.0  # wall-clock budget of the loop; whichever of max_steps/max_minutes comes first
     cond_drop_prob: float = 0.1  # classifier-free guidance: drop the image condition with this probability
@@ -354,6 +358,7 @@ def validate(config: Config) -> None:
     need(tr.batch_size >= 1, "train.batch_size", "must be >= 1")
     need(tr.samples_per_caption >= 1, "train.samples_per_caption", "must be >= 1")
     need(tr.lr > 0, "train.lr", "must be > 0")
+    need(0 < tr.lr_end_ratio <= 1, "train.lr_end_ratio", "must be in (0, 1] (lr_end = lr * lr_end_ratio; log decay needs > 0)")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0.0 <= tr.cond_drop_prob < 1.0, "train.cond_drop_prob", "must be in [0, 1)")
     need(0.0 <= tr.self_condition_prob <= 1.0, "train.self_condition_prob", "must be in [0, 1]")
