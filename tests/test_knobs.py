@@ -146,3 +146,20 @@ def test_lr_schedules_run_from_lr_to_lr_end(schedule: str) -> None:
                                      "log": (1e-5, 1e-4), "constant": (1e-3, 1e-3)}[schedule]
     assert end == pytest.approx(expected_end) and middle == pytest.approx(expected_middle)
     assert lr_at(config, 10, 2.0) == pytest.approx(end)  # past the budget stays at the end value
+
+
+def test_dynamic_rounding_weight_keeps_the_ratio_over_the_epoch() -> None:
+    from diffcap.config import LossConfig
+    from diffcap.losses import DynamicRoundingWeight
+
+    cfg = LossConfig(x_t_weight=1.0, x_1_weight=0.5)
+    w = DynamicRoundingWeight(c=3.0, initial=0.3)
+    assert w.value() == 0.3  # nothing seen yet this epoch
+    w.update({"x_t": torch.tensor(2.0), "x_1": torch.tensor(2.0), "rounding": torch.tensor(6.0)}, cfg)
+    w.update({"x_t": torch.tensor(1.0), "rounding": torch.tensor(3.0)}, cfg)
+    assert w.value() == pytest.approx(3.0 * (2.0 + 1.0 + 1.0) / 9.0)
+    restored = DynamicRoundingWeight(c=3.0, initial=0.3)
+    restored.load(w.state())
+    assert restored.value() == w.value()
+    w.reset()
+    assert w.value() == 0.3

@@ -129,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # the sampler settings used: each flag given, or the checkpoint's own default
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
-                             "beam_size", "precision")}
+                             "beam_size", "precision", "time_difference", "eta")}
     result = evaluate_records(model, usable, table, **settings)
     result = {
         "metrics": result["metrics"],
@@ -279,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoregressive baseline: beam width, 1 = greedy (default: the checkpoint's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="the network's matmuls while sampling (default: the checkpoint's sample.precision)")
+    p.add_argument("--time-difference", type=int, default=None,
+                   help="tell the network a time this much later than the true one (default: the checkpoint's)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="0 = deterministic DDIM steps, 1 = DDPM-like fresh noise (default: the checkpoint's)")
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")

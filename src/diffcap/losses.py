@@ -83,3 +83,30 @@ def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace) ->
         mask = target >= 0
         accuracy = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum().clamp(min=1)
     return {"loss": loss, "cross_entropy": loss.detach(), "token_accuracy": accuracy}
+
+
+class DynamicRoundingWeight:
+    """The original's "dynamic" rounding weight (DYNAMIC_ROUNDING_WEIGHT): at every step,
+    C x (running sum of the weighted distance terms) / (running sum of the rounding term) over the epoch so far,
+    so the rounding term keeps a fixed share C of the distance; the constant weight until the epoch has data.
+    """
+
+    def __init__(self, c: float, initial: float) -> None:
+        self.c, self.initial = c, initial
+        self.distance = self.rounding = 0.0
+
+    def reset(self) -> None:  # at the start of every epoch
+        self.distance = self.rounding = 0.0
+
+    def value(self) -> float:
+        return self.initial if self.rounding <= 0 else self.c * self.distance / self.rounding
+
+    def update(self, losses: dict[str, torch.Tensor], config: LossConfig) -> None:
+        self.distance += config.x_t_weight * float(losses["x_t"]) + config.x_1_weight * float(losses.get("x_1", 0.0))
+        self.rounding += float(losses["rounding"])
+
+    def state(self) -> dict[str, float]:
+        return {"distance": self.distance, "rounding": self.rounding}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.distance, self.rounding = float(state["distance"]), float(state["rounding"])
