@@ -114,6 +114,18 @@ def test_add_mode_adds_the_pooled_vector_to_every_position(inputs) -> None:
         torch.testing.assert_close(net(x, t, image, drop, sc), net(x, t, None, None, sc))
 
 
+@pytest.mark.parametrize("variant", [{}, {"grid_mode": "cross", "grid_pool": 4}, {"pooled_mode": "add"}])
+def test_a_precomputed_condition_gives_the_same_prediction(variant: dict, inputs) -> None:
+    """Sampling computes the image's prefix and cross-attention keys/values once; that must change nothing."""
+    net = _model(dataclasses.replace(SHAPE, **variant))
+    x, t, sc = inputs
+    keep = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        cond = net.condition(_image(0), keep, B)
+        torch.testing.assert_close(net(x, t, self_cond=sc, cond=cond), net(x, t, _image(0), keep, sc))
+        torch.testing.assert_close(net(x, t, self_cond=sc, cond=net.condition(None, None, B)), net(x, t, None, None, sc))
+
+
 def test_cross_attention_starts_as_the_text_only_network(inputs) -> None:
     """Fresh cross-attention outputs are zero, so blocks loaded from a backbone start unchanged."""
     shape = dataclasses.replace(SHAPE, grid_mode="cross", use_pooled=False)

@@ -105,13 +105,17 @@ class Block(nn.Module):
         p = self.dropout if self.training else 0.0
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal).transpose(1, 2).reshape(B, N, H)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
+                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`memory` (B, M, H) is what cross-attention reads; `memory_kv` its keys and values, when precomputed."""
         p = self.dropout if self.training else 0.0
         a = self._attend(self.query(x), self.key(x), self.value(x), causal)
         x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
         if self.cross:
-            assert memory is not None, "a cross-attention block needs the image memory"
-            c = self._attend(self.cross_query(x), self.cross_key(memory), self.cross_value(memory))
+            if memory_kv is None:
+                assert memory is not None, "a cross-attention block needs the image memory"
+                memory_kv = self.cross_key(memory), self.cross_value(memory)
+            c = self._attend(self.cross_query(x), *memory_kv)
             x = self.cross_norm(x + F.dropout(self.cross_out(c), p, self.training))
         h = self.ff_out(F.gelu(self.ff_in(x)))
         return self.ff_norm(x + F.dropout(h, p, self.training))
@@ -124,6 +128,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What the denoiser derives from the image alone: computed once per image and reused at every sampling
+    step (the image never changes between steps, only x_t does)."""
+
+    prefix: torch.Tensor  # (B, P, H) prefix positions, with their position and type embeddings
+    added: torch.Tensor | None  # (B, 1, H) the pooled vector added to every position ("add" mode)
+    memory_kv: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None  # per block: cross-attention keys, values
 
 
 class Denoiser(nn.Module):
@@ -216,6 +230,13 @@ class Denoiser(nn.Module):
         memory = null if image is None else self._drop(self._pooled_grid(image), null, keep)
         return self.memory_norm(memory + self.memory_positions)
 
+    def condition(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> Condition:
+        """Everything that depends on the image only (rows with keep=False get the learned null condition)."""
+        prefix = self.image_prefix(image, keep, batch) + self.prefix_positions + self.types.weight[1]
+        memory = self.image_memory(image, keep, batch)  # (B, M, H) or None
+        kv = None if memory is None else tuple((b.cross_key(memory), b.cross_value(memory)) for b in self.blocks)
+        return Condition(prefix, self.image_added(image, keep, batch), kv)
+
     def forward(
         self,
         x_t: torch.Tensor,  # (B, L, D)
@@ -223,22 +244,22 @@ class Denoiser(nn.Module):
         image: ImageFeatures | None = None,
         keep: torch.Tensor | None = None,  # (B,) bool: False drops the image (classifier-free guidance)
         self_cond: torch.Tensor | None = None,  # (B, L, D) previous x0 estimate, or None
+        cond: Condition | None = None,  # precomputed `condition(image, keep, B)`: then image/keep are not read
     ) -> torch.Tensor:
         B, L, _ = x_t.shape
+        if cond is None:
+            cond = self.condition(image, keep, B)
         if self.shape.self_condition:
             x_t = torch.cat([x_t, self_cond if self_cond is not None else torch.zeros_like(x_t)], dim=-1)
         text = self.in_proj(x_t) + self.positions.weight[:L] + self.types.weight[0]  # (B, L, H)
-        prefix = self.image_prefix(image, keep, B) + self.prefix_positions + self.types.weight[1]  # (B, P, H)
-        h = torch.cat([prefix, text], dim=1)  # (B, P + L, H)
+        h = torch.cat([cond.prefix.to(text.dtype), text], dim=1)  # (B, P + L, H)
         if self.time_mlp is not None:
             h = h + self.time_mlp(timestep_embedding(t, self.shape.hidden)).unsqueeze(1)
-        added = self.image_added(image, keep, B)
-        if added is not None:
-            h = h + added
+        if cond.added is not None:
+            h = h + cond.added
         h = F.dropout(self.embed_norm(h), self.shape.dropout, self.training)
-        memory = self.image_memory(image, keep, B)  # (B, M, H) or None
-        for block in self.blocks:
-            h = block(h, memory)
+        for i, block in enumerate(self.blocks):
+            h = block(h, memory_kv=None if cond.memory_kv is None else cond.memory_kv[i])
         return self.out_proj(h[:, -L:])  # (B, L, D)
 
     # -- initialisation from a pretrained backbone ------------------------------------------------------
