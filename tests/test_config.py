@@ -104,6 +104,9 @@ def test_wrong_type_names_the_field(override: str, field: str) -> None:
         ("train.lr=0", "train.lr"),
         ("train.lr=NaN", "train.lr"),
         ("sample.time_difference=1000", "sample.time_difference"),
+        ("train.max_bad_steps=0", "train.max_bad_steps"),
+        ("train.save_every=0", "train.save_every"),
+        ("train.log_every=0", "train.log_every"),
     ],
 )
 def test_impossible_values_name_the_field(override: str, field: str) -> None:

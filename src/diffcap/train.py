@@ -267,15 +267,25 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         bad = non_finite({**prefixed("model", model.denoiser.state_dict()), **prefixed("ema", ema.state_dict()),
                           **prefixed("optim", optimizer_tensors(inner)[0])})
         if bad:
-            raise TrainingDiverged(
+            raise stopped(TrainingDiverged(
                 f"refusing to write a checkpoint at step {state['step']}: non-finite values in {', '.join(bad[:5])}"
                 + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + "; "
                 + (f"{ckpt_dir} still holds step {saved_step}" if saved_step is not None else "no checkpoint was written")
-            )
+            ))
         if accelerator.is_main_process:
             full = {**state, **rng_state()}
-            save_run_checkpoint(run_dir, model, ema, inner, full, {"encoder": encoder_identity, **(extra or {})})
+            try:
+                save_run_checkpoint(run_dir, model, ema, inner, full, {"encoder": encoder_identity, **(extra or {})})
+            except BaseException as exc:
+                raise stopped(exc)
         saved_step = state["step"]
+
+    def stopped(exc: BaseException) -> BaseException:
+        """Close the progress bar (so the error starts its own line) and the event file, before `exc` is raised."""
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return exc
 
     def evaluate(limit: int) -> dict[str, float]:
         assert eval_table is not None
@@ -330,13 +340,13 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 bad_steps += 1
                 log.warning("non-finite loss or gradient at step %d (%d in a row); update skipped", step, bad_steps)
                 if bad_steps >= tr.max_bad_steps:
-                    raise TrainingDiverged(
+                    raise stopped(TrainingDiverged(
                         f"training diverged: the loss or its gradient was not finite for {bad_steps} steps in a row "
                         f"(train.max_bad_steps={tr.max_bad_steps}) at step {step}; stopped. "
                         + (f"{ckpt_dir} (step {saved_step}) holds no NaN: resume it with --resume after lowering "
                            "train.lr, setting train.precision=fp32 or train.grad_clip" if saved_step is not None
                            else "No checkpoint was written; lower train.lr or set train.precision=fp32")
-                    )
+                    ))
                 continue
             bad_steps = 0
             optimizer.step()
