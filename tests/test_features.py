@@ -298,3 +298,17 @@ def test_broken_images_cost_nothing_of_the_others_work(tmp_path: Path, monkeypat
 
     with pytest.raises(ImageLoadError, match="text.jpg"):
         ensure_features(encoder, _records(images), tmp_path / "strict", on_error="fail", progress=False)
+
+
+def test_cache_of_another_encoder_setup_is_rebuilt_not_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from diffcap.data.prepare import ensure_features
+
+    images = _images(tmp_path, 3)
+    ensure_features(FakeEncoder(), _records(images), tmp_path / "cache", progress=False)
+    other = FakeEncoder(scale=2.0)  # other weights / preprocessing: another identity
+    with caplog.at_level("INFO", logger="diffcap"):
+        cache = ensure_features(other, _records(images), tmp_path / "cache", progress=False)
+    assert "different encoder setup" in caplog.text and "scale" in caplog.text
+    assert cache.identity["scale"] == 2.0 and len(cache) == 3
+    expected = _direct(other, [images["key0"]])
+    torch.testing.assert_close(cache.pooled(cache.index(["key0"])), expected.pooled, rtol=1e-3, atol=1e-2)

@@ -69,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(diffs.items()) if not k.startswith("data."))
         args.run_dir = Path("runs") / (Path(args.config).stem + (f"-{suffix}" if suffix else ""))
     checkpoint = train(config, args.run_dir, resume=args.resume)
-    print(f"checkpoint: {checkpoint}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: once, not once per process
+        print(f"checkpoint: {checkpoint}")
     return 0
 
 
@@ -355,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    if int(os.environ.get("RANK", "0")) > 0 and not args.verbose:  # other processes of `accelerate launch`
+        logging.getLogger("diffcap").setLevel(logging.WARNING)
     for noisy in ("transformers", "accelerate", "timm", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.verbose:
