@@ -39,7 +39,7 @@ def _final_state(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny_setup: dict, tmp_path: Path) -> None:
     from fork_server import ForkServer
 
-    steps = 45
+    steps = 60
     overrides = tiny_setup["overrides"](**{"train.max_steps": steps})
     server = ForkServer(backbones=[str(tiny_setup["backbone"])], encoders=[f"clip:{tiny_setup['clip']}"])
     try:
@@ -58,7 +58,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny
             if kills == 0:  # the first kill lands during start-up, before any checkpoint exists
                 time.sleep(rng.uniform(0.0, 0.5))
             else:  # the others at a random moment of a step or a save: wait for two new checkpoints to measure
-                # how long a step takes here, then kill within the next 1.5 steps
+                # how long a step (and its save) takes here, then kill at a random moment of the next one
                 times = []
                 deadline = time.monotonic() + 120
                 while len(times) < 2 and not server.exited(pid):
@@ -66,7 +66,7 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny
                     if _step_on_disk(ckpt) > last_step + len(times):
                         times.append(time.monotonic())
                     time.sleep(0.001)
-                time.sleep(rng.uniform(0.0, 1.5) * (times[1] - times[0] if len(times) == 2 else 0.0))
+                time.sleep(rng.uniform(0.0, 1.0) * (times[1] - times[0] if len(times) == 2 else 0.0))
             os.kill(pid, signal.SIGKILL)
             code = server.wait(pid)
             if code == 0:  # it finished before the kill landed

@@ -195,9 +195,16 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     tr = config.train
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoint"
+    precision = "bf16" if tr.precision == "bf16" else "no"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        # an earlier training in this process (tests, notebooks) used another precision, which accelerate keeps
+        # per process: reset that choice (the process group, if any, stays)
+        AcceleratorState._reset_state()
     # cpu=True without GPUs: under `accelerate launch`, a plain Accelerator() on CPUs would run independent,
     # unsynchronised copies instead of joining one process group
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if tr.precision == "bf16" else "no")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
     if accelerator.is_main_process:
         recover(ckpt_dir)  # a save that a kill interrupted between its two renames
     accelerator.wait_for_everyone()
