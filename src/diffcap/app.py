@@ -48,6 +48,8 @@ log = logging.getLogger("diffcap")
 
 #: The checkpoint `diffcap serve` uses when none is named: the one the package ships (when it ships one).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "checkpoint"
+#: Photos the package ships for the page's examples (CC0 / public domain, see its LICENSE.md).
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -128,6 +130,12 @@ def folder_examples(folder: Path, limit: int = 12, max_pixels: int = Limits.max_
         if len(out) >= limit:
             break
     return out
+
+
+def default_examples(max_pixels: int = Limits.max_pixels) -> list[Example]:
+    """The photos shipped in EXAMPLES_DIR, else generated shape images."""
+    shipped = folder_examples(EXAMPLES_DIR, max_pixels=max_pixels) if EXAMPLES_DIR.is_dir() else []
+    return shipped or generated_examples()
 
 
 def _int_param(params: dict[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -372,7 +380,10 @@ def build_service(checkpoint: str | Path | None = None, *, limits: Limits = Limi
 
     path = resolve_checkpoint(checkpoint)
     captioner = Captioner.from_pretrained(path)
-    chosen = folder_examples(examples, max_pixels=limits.max_pixels) if examples else generated_examples()
+    if examples:
+        chosen = folder_examples(examples, max_pixels=limits.max_pixels)
+    else:
+        chosen = default_examples(limits.max_pixels)
     return CaptionService(captioner, checkpoint=str(path), limits=limits, examples=chosen)
 
 
@@ -396,7 +407,7 @@ def post_caption(url: str, body: bytes, params: dict[str, Any] | None = None, *,
 
 
 def measure_latency(url: str, bodies: Sequence[bytes], *, requests: int = 64, concurrency: int = 8,
-                    params: dict[str, Any] | None = None) -> dict[str, Any]:
+                    params: dict[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
     """Send `requests` caption requests (cycling through `bodies`) from `concurrency` clients at once.
 
     Returns the latency percentiles (seconds, from sending to the whole answer), throughput and errors, and
@@ -410,9 +421,15 @@ def measure_latency(url: str, bodies: Sequence[bytes], *, requests: int = 64, co
         status, answer = post_caption(url, bodies[i % len(bodies)], params, filename=f"image{i % len(bodies)}.png")
         return time.perf_counter() - start, status, answer
 
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        results = list(pool.map(one, range(requests)))
+    with ThreadPoolExecutor(max_workers=concurrency) as pool, \
+            tqdm(total=requests, desc="requests", unit="req", disable=not progress) as bar:
+        futures = [pool.submit(one, i) for i in range(requests)]
+        for future in futures:
+            future.add_done_callback(lambda _: bar.update(1))
+        results = [future.result() for future in futures]
     wall = time.perf_counter() - started
     import numpy as np
 
@@ -428,7 +445,7 @@ def measure_latency(url: str, bodies: Sequence[bytes], *, requests: int = 64, co
 
 
 def run_benchmark(service: CaptionService, *, requests: int, concurrency: int, host: str = DEFAULT_HOST,
-                  port: int = 0, params: dict[str, Any] | None = None) -> dict[str, Any]:
+                  port: int = 0, params: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Start a server, measure it over localhost HTTP with the examples as uploads, stop it."""
     server = make_server(service, host, port)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -439,7 +456,8 @@ def run_benchmark(service: CaptionService, *, requests: int, concurrency: int, h
             buffer = io.BytesIO()
             example.image.save(buffer, format="PNG")
             bodies.append(buffer.getvalue())
-        return measure_latency(server.url, bodies, requests=requests, concurrency=concurrency, params=params)
+        return measure_latency(server.url, bodies, requests=requests, concurrency=concurrency, params=params,
+                               progress=progress)
     finally:
         server.shutdown()
         server.server_close()

@@ -133,7 +133,7 @@ class Captioner:
         It ends in the caption `caption(images)` gives this image when it is the `index`-th of the list.
         """
         gen = generate(self.model, self.features([image]), steps=steps, guidance=guidance, seed=seed,
-                       first_index=index, keep_trajectory=True)
+                       first_index=index, keep_trajectory=True, candidates=1)
         return trajectory_steps(self.model, gen)
 
     def samples(self, image: ImageInput, n: int = 1, *, steps: int | None = None, guidance: float | None = None,
@@ -141,12 +141,13 @@ class Captioner:
         """`n` captions of one image from independent noise, in one batch, each with its trajectory.
 
         Sample k is the caption `caption(images)` gives this image when it is the k-th of the list, so the first
-        is what `caption(image)` and `diffcap caption` print.
+        is what `caption(image)` and `diffcap caption` print (unless the checkpoint's `sample.candidates` > 1 makes
+        those a minimum-Bayes-risk choice among several samples: here every sample is shown instead).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         gen = generate(self.model, self.features([image]).repeat(n), steps=steps, guidance=guidance, seed=seed,
-                       keep_trajectory=trajectory)
+                       keep_trajectory=trajectory, candidates=1)
         return [Sample(caption, trajectory_steps(self.model, gen, row) if trajectory else [])
                 for row, caption in enumerate(gen.captions)]
 

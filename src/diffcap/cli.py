@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, width x height")
     p.add_argument("--max-steps", type=int, default=100, help="most denoising steps a request may ask for")
     p.add_argument("--examples", type=Path, default=None,
-                   help="folder of example images to offer (default: a few generated shape images)")
+                   help="folder of example images to offer (default: the photos shipped with diffcap)")
     p.add_argument("--benchmark", type=int, default=0, metavar="N",
                    help="instead of serving: send N caption requests over localhost and print latency percentiles")
     p.add_argument("--concurrency", type=int, default=8, help="with --benchmark: clients sending at once")
