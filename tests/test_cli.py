@@ -222,3 +222,20 @@ def test_evaluate_on_a_folder_holding_only_the_test_split(tiny_checkpoint: Path,
     result = json.loads(output.read_text())
     assert result["split"] == "test" and len(result["captions"]) == len(names)
     assert {c["image"] for c in result["captions"]} == set(names)
+
+
+def test_caption_without_a_checkpoint_uses_the_shipped_one(tiny_checkpoint: Path, shapes_jsonl: Path, capsys,
+                                                           monkeypatch) -> None:
+    import diffcap.app
+
+    image = str(sorted((shapes_jsonl.parent / "images").glob("dev_*.png"))[0])
+    assert main(["caption", str(tiny_checkpoint), image, "--seed", "1"]) == 0
+    named = capsys.readouterr().out
+    monkeypatch.setattr(diffcap.app, "DEFAULT_CHECKPOINT", tiny_checkpoint)
+    assert main(["caption", image, "--seed", "1"]) == 0
+    assert capsys.readouterr().out == named
+    monkeypatch.setattr(diffcap.app, "DEFAULT_CHECKPOINT", tiny_checkpoint.parent / "nothing-here")
+    assert main(["caption", image]) == 2
+    assert "ships no default checkpoint" in capsys.readouterr().err
+    assert main(["caption", str(tiny_checkpoint)]) == 2
+    assert "no image to caption" in capsys.readouterr().err

@@ -74,9 +74,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_and_images(paths: list[str]) -> tuple[Path, list[str]]:
+    """`[CHECKPOINT] IMAGE...`: a first path that is a checkpoint directory names the model, otherwise the
+    checkpoint shipped with diffcap captions every path."""
+    from diffcap.app import resolve_checkpoint
+
+    first = Path(paths[0])
+    if first.is_dir():
+        if not (first / "meta.json").is_file() and not (first / "config.json").is_file():
+            raise FileNotFoundError(f"{first} is a directory but not a checkpoint (no meta.json)")
+        if len(paths) < 2:
+            raise ValueError(f"no image to caption: give image paths after the checkpoint {first}")
+        return first, paths[1:]
+    return resolve_checkpoint(None), paths
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from diffcap.captioner import Captioner
 
+    args.checkpoint, args.images = _checkpoint_and_images(args.paths)
     captioner = Captioner.from_pretrained(args.checkpoint)
     if args.trajectory:
         from diffcap.captioner import format_trajectory
@@ -248,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("caption", help="caption images with a trained checkpoint")
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("images", nargs="+")
+    p = sub.add_parser("caption", help="caption images (with the shipped model, or a checkpoint named first)")
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE",
+                   help="images, optionally after a checkpoint directory (default: the checkpoint shipped with diffcap)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
