@@ -77,9 +77,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _checkpoint_and_images(paths: list[str]) -> tuple[Path, list[str]]:
     """`[CHECKPOINT] IMAGE...`: a first path that is a checkpoint directory names the model, otherwise the
     checkpoint shipped with diffcap captions every path."""
-    from diffcap.app import resolve_checkpoint
+    from diffcap.app import IMAGE_SUFFIXES, resolve_checkpoint
 
     first = Path(paths[0])
+    if not first.exists() and first.suffix.lower() not in IMAGE_SUFFIXES and len(paths) > 1:
+        raise FileNotFoundError(f"checkpoint {first} does not exist")
     if first.is_dir():
         if not (first / "meta.json").is_file() and not (first / "config.json").is_file():
             raise FileNotFoundError(f"{first} is a directory but not a checkpoint (no meta.json)")
