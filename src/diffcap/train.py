@@ -131,11 +131,20 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def lr_at(config: Config, step: int, progress: float) -> float:
-    """Linear warmup, then cosine decay to 10 % over the run's progress (steps or wall time, whichever is further)."""
+    """Linear warmup, then `train.lr_schedule` from lr to lr * lr_end_ratio over the run's progress (steps or
+    wall time, whichever is further): "cosine" (default), "linear" (the original's linspace), "log" (its
+    logspace: geometric), or "constant"."""
     tr = config.train
     if step < tr.warmup_steps:
         return tr.lr * (step + 1) / tr.warmup_steps
-    return tr.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    x, end = min(progress, 1.0), tr.lr_end_ratio
+    if tr.lr_schedule == "constant":
+        return tr.lr
+    if tr.lr_schedule == "linear":
+        return tr.lr * (1 + (end - 1) * x)
+    if tr.lr_schedule == "log":
+        return tr.lr * end**x
+    return tr.lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * x)))
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
