@@ -163,3 +163,15 @@ def test_dynamic_rounding_weight_keeps_the_ratio_over_the_epoch() -> None:
     assert restored.value() == w.value()
     w.reset()
     assert w.value() == 0.3
+
+
+def test_dynamic_rounding_trains_and_resumes(tmp_path, shapes_jsonl, tiny_config) -> None:
+    import json
+
+    from diffcap.train import train
+
+    config = tiny_config(shapes_jsonl, loss__dynamic_rounding=1.0, train__max_steps=4, train__save_every=2)
+    checkpoint = train(config, tmp_path / "run", progress=False)
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    sums = state["dynamic_rounding"]
+    assert sums["distance"] > 0 and sums["rounding"] > 0

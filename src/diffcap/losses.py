@@ -102,8 +102,9 @@ class DynamicRoundingWeight:
         return self.initial if self.rounding <= 0 else self.c * self.distance / self.rounding
 
     def update(self, losses: dict[str, torch.Tensor], config: LossConfig) -> None:
-        self.distance += config.x_t_weight * float(losses["x_t"]) + config.x_1_weight * float(losses.get("x_1", 0.0))
-        self.rounding += float(losses["rounding"])
+        value = lambda name: float(losses[name].detach()) if name in losses else 0.0  # noqa: E731
+        self.distance += config.x_t_weight * value("x_t") + config.x_1_weight * value("x_1")
+        self.rounding += value("rounding")
 
     def state(self) -> dict[str, float]:
         return {"distance": self.distance, "rounding": self.rounding}

@@ -41,6 +41,7 @@ from diffcap.config import Config
 from diffcap.data.datasets import check_no_leakage
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
+from diffcap.losses import DynamicRoundingWeight
 from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, training_losses
 
 log = logging.getLogger("diffcap")
@@ -250,6 +251,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=(0.9, 0.98))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0}
+    # the original's "dynamic" rounding weight: running sums over the epoch, part of the resumable state
+    dynamic = DynamicRoundingWeight(config.loss.dynamic_rounding, config.loss.rounding_weight) \
+        if config.loss.dynamic_rounding > 0 and not model.autoregressive else None
     saved_step: int | None = None  # step of the newest checkpoint on disk
     if resume and not ckpt_dir.exists():
         log.warning("--resume: %s holds no checkpoint yet; starting from step 0", run_dir)
@@ -267,6 +271,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{ckpt_dir} does not fit this config's model (was model.* changed?): {exc}") from exc
         state = {k: meta[k] for k in ("step", "epoch", "position", "elapsed")}
+        if dynamic is not None and "dynamic_rounding" in meta:
+            dynamic.load(meta["dynamic_rounding"])
+            state["dynamic_rounding"] = dynamic.state()
         set_rng_state(meta)
         saved_step = state["step"]
         log.info("resumed from step %d", state["step"])
@@ -341,7 +348,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             use_sc = not model.autoregressive and model.denoiser.shape.self_condition \
                 and random.random() < tr.self_condition_prob
             with accelerator.autocast():
-                losses = training_losses(model, denoiser, ids, image, keep, use_sc)
+                losses = training_losses(model, denoiser, ids, image, keep, use_sc,
+                                         rounding_weight=None if dynamic is None else dynamic.value())
             bad = not bool(torch.isfinite(losses["loss"]))
             if world > 1:  # every process must skip the same steps (or the gradient all-reduce would hang)
                 bad = bool(accelerator.reduce(torch.tensor([float(bad)], device=device), "sum").item() > 0)
@@ -366,6 +374,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 continue
             bad_steps = 0
             optimizer.step()
+            if dynamic is not None:
+                losses["rounding_weight"] = torch.tensor(dynamic.value())  # logged with the loss terms
+                dynamic.update(losses, config.loss)
+                state["dynamic_rounding"] = dynamic.state()
             with torch.no_grad():
                 d = min(tr.ema_decay, (1 + step) / (10 + step))  # short warmup of the average
                 for e, p in zip(ema.parameters(), accelerator.unwrap_model(denoiser).parameters()):
@@ -405,6 +417,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         else:
             state["epoch"] += 1
             state["position"] = 0
+            if dynamic is not None:  # the running sums cover one epoch
+                dynamic.reset()
+                state["dynamic_rounding"] = dynamic.state()
             continue
         break
     bar.close()
