@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcap.models.denoiser import Block, ImageFeatures, backbone_key_map
+from diffcap.models.denoiser import Block, ImageFeatures, backbone_key_map, bert_init
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,7 @@ class CaptionDecoder(nn.Module):
         )
         self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=s.layer_norm_eps))
         self.out_bias = nn.Parameter(torch.zeros(s.vocab_size))
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+        bert_init(self)
         nn.init.normal_(self.memory_positions, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.cross_out.weight)  # start as the pretrained (text-only) layers

@@ -121,6 +121,16 @@ class Block(nn.Module):
         return self.ff_norm(x + F.dropout(h, p, self.training))
 
 
+def bert_init(root: nn.Module) -> None:
+    """BERT's initialisation of every Linear and Embedding below `root`: N(0, 0.02) weights, zero biases."""
+    for module in root.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in improved-diffusion."""
     half = dim // 2
@@ -168,12 +178,7 @@ class Denoiser(nn.Module):
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
+        bert_init(self)
         nn.init.normal_(self.prefix_positions, std=0.02)
         nn.init.normal_(self.null_prefix, std=0.02)
         if self.null_pooled is not None:
