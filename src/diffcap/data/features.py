@@ -150,10 +150,7 @@ class FeatureCache:
         if not images:
             raise ValueError("no images to encode")
         directory = Path(directory)
-        _check_replaceable(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        tmp = _temporary_sibling(directory)
         try:
             writer = _ArrayWriter(tmp, len(images), encoder)
             failed = _encode_all(encoder, images, writer, on_error, batch_size, progress)
@@ -208,10 +205,7 @@ def merge_caches(sources: Sequence[FeatureCache], directory: Path, *, chunk: int
         failed.update({k: v for k, v in source.failed.items() if k not in taken and k not in failed})
     keys = list(taken)
     directory = Path(directory)
-    _check_replaceable(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _temporary_sibling(directory)
     try:
         pooled_shape = (len(keys), *first._pooled.shape[1:])
         grid_shape = (len(keys), *first._grid.shape[1:])
@@ -391,6 +385,15 @@ def _as_index(rows: Rows) -> int | slice | np.ndarray:
     if isinstance(rows, (int, np.integer, slice)):
         return rows
     return np.asarray(rows, dtype=np.int64)
+
+
+def _temporary_sibling(directory: Path) -> Path:
+    """A fresh hidden directory beside `directory`, where a cache is written before it is renamed into place."""
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
 
 
 def _check_replaceable(directory: Path) -> None:
