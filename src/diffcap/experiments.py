@@ -70,8 +70,7 @@ def expand(base: str, grid: list[tuple[str, list[Any]]], fixed: list[str]) -> li
     for combo in itertools.product(*[values for _, values in grid]):
         overrides = [f"{key}={_format(value)}" for (key, _), value in zip(grid, combo)]
         config = load_config(base, fixed + overrides)  # invalid combinations fail here, before any training
-        differences = {k: v for k, v in config.differences(reference).items()}
-        variants.append(Variant(short_name(differences), overrides))
+        variants.append(Variant(short_name(config.differences(reference)), overrides))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"the grid gives duplicate variants: {names}")
@@ -99,7 +98,7 @@ def commands(base: str, variant: Variant, fixed: list[str], out: Path, *, evalua
             if value:
                 ev += [flag, value]
         if d.cache_dir:
-            ev += ["--cache-dir", str(Path(d.cache_dir))]
+            ev += ["--cache-dir", d.cache_dir]
         if eval_limit:
             ev += ["--limit", str(eval_limit)]
         cmds.append(ev)
