@@ -46,6 +46,8 @@ KNOBS = [
     ["model.timestep_embedding=false"],
     ["model.self_condition=false"],
     ["model.kind=autoregressive"],
+    ["text.embeddings=trainable"],
+    ["text.embeddings=learned", "text.embedding_dim=16"],
 ]
 
 
@@ -127,6 +129,9 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
     (["model.grid_mode=attention"], "model.grid_mode"),
     (["train.samples_per_caption=0"], "train.samples_per_caption"),
     (["model.kind=autoregressive", "model.grid_pool=0"], "model.grid_pool"),
+    (["text.embeddings=learned", "text.embedding_dim=1"], "text.embedding_dim"),
+    (["text.embeddings=random"], "text.embeddings"),
+    (["model.kind=autoregressive", "text.embeddings=trainable"], "text.embeddings"),
 ])
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -175,3 +180,51 @@ def test_dynamic_rounding_trains_and_resumes(tmp_path, shapes_jsonl, tiny_config
     state = json.loads((checkpoint / "train_state.json").read_text())
     sums = state["dynamic_rounding"]
     assert sums["distance"] > 0 and sums["rounding"] > 0
+
+
+def test_frozen_embeddings_have_no_learned_table() -> None:
+    model = _model()
+    assert model.word_table is None and "words" not in dict(model.denoiser.named_parameters())
+
+
+def test_trainable_embeddings_start_at_the_frozen_table_and_get_gradients() -> None:
+    model = _model("text.embeddings=trainable")
+    table = model.word_table
+    assert table is not None and torch.equal(table.detach(), model.space.table)
+    ids, image, keep = _batch(model)
+    losses = training_losses(model, model.denoiser, ids, image, keep, self_condition=False)
+    losses["loss"].backward()
+    assert table.grad is not None
+    rows = table.grad.abs().sum(-1)
+    used = ids.unique()
+    # the rows of words in the batch get a gradient (the embedding, the rounding target), through the same table
+    assert bool((rows[used] > 0).all())
+
+
+def test_learned_embeddings_are_low_dimensional_and_round_with_the_same_table() -> None:
+    model = _model("text.embeddings=learned", "text.embedding_dim=16")
+    table = model.word_table
+    assert table is not None and table.shape == (model.space.vocab_size, 16)
+    assert model.denoiser.in_proj.in_features == 2 * 16 and model.denoiser.out_proj.out_features == 16  # up / down
+    ids = model.space.encode(CAPTIONS)
+    latents = model.space.embed(ids, table)
+    assert latents.shape[-1] == 16
+    # rounding is tied to the learned table: its own rows round back to their words
+    assert torch.equal(model.space.round(latents, table=table), ids)
+
+
+@pytest.mark.parametrize("kind", ["trainable", "learned"])
+def test_learned_tables_are_trained_saved_and_reloaded(tmp_path, shapes_jsonl, tiny_config, kind: str) -> None:
+    from diffcap.pipeline import load_model
+    from diffcap.train import train
+
+    config = tiny_config(shapes_jsonl, text__embeddings=kind, text__embedding_dim=16, train__max_steps=3)
+    checkpoint = train(config, tmp_path / "run", progress=False)
+    model, _ = load_model(checkpoint)
+    assert model.word_table is not None
+    assert model.word_table.shape == (model.space.vocab_size, 16 if kind == "learned" else model.space.dim)
+    if kind == "trainable":  # the optimizer moved it away from where it started
+        start = model.space.table
+        assert not torch.allclose(model.word_table, start)
+    image = ImageFeatures(torch.randn(2, model.denoiser.shape.pooled_dim), torch.randn(2, 16, model.denoiser.shape.grid_dim))
+    assert len(generate(model, image, steps=2).captions) == 2

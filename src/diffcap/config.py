@@ -35,6 +35,12 @@ class TextConfig:
     # Embeddings are standardised per dimension, then multiplied by this. < 1 makes the same Gaussian
     # noise stronger relative to the distances between words (DESIGN.md, "Too little effective noise").
     latent_scale: float = 0.25
+    # The latent word table: "frozen" (the backbone's embeddings, standardised; default), "trainable" (starts
+    # there and is learned with the denoiser), or "learned" (a random embedding_dim-wide table learned from
+    # scratch, Diffusion-LM style: the denoiser's input projection maps it up to the model width, rounding is
+    # tied to the same table). Trained tables are saved with the denoiser's weights.
+    embeddings: Literal["frozen", "trainable", "learned"] = "frozen"
+    embedding_dim: int = 128  # width of the "learned" table (Diffusion-LM used 16 to 128)
 
 
 @dataclass
@@ -343,6 +349,10 @@ def validate(config: Config) -> None:
     t, m, d, tr, s = config.text, config.model, config.diffusion, config.train, config.sample
     need(t.max_length >= 2, "text.max_length", "must be at least 2 (one word piece and [SEP])")
     need(t.latent_scale > 0, "text.latent_scale", "must be > 0")
+    need(t.embeddings != "learned" or 2 <= t.embedding_dim <= 4096, "text.embedding_dim",
+         "must be between 2 and 4096 (Diffusion-LM used 16 to 128)")
+    need(t.embeddings == "frozen" or m.kind == "diffusion", "text.embeddings",
+         "the autoregressive baseline reads the backbone's embeddings: use text.embeddings=frozen")
     need(2 <= d.timesteps <= 10_000, "diffusion.timesteps", "must be between 2 and 10000")
     need(m.layers >= 1, "model.layers", "must be at least 1")
     need(m.grid_pool >= 0, "model.grid_pool", "must be >= 0 (0 = no grid positions)")

@@ -41,6 +41,7 @@ def caption_losses(
     pred_1: TrainingPrediction | None = None,  # the pass from x_1, when a term needs it
     latent_target: bool = True,  # False when the network predicts the noise (unit scale, not latents)
     rounding_weight: float | None = None,  # overrides config.rounding_weight (the dynamic weight)
+    table: torch.Tensor | None = None,  # the learned word table (text.embeddings != "frozen")
 ) -> dict[str, torch.Tensor]:
     """Every loss term (scalars) and their weighted sum under "loss".
 
@@ -64,13 +65,13 @@ def caption_losses(
     rounding = torch.zeros((), device=ids.device)
     for p in sources:
         assert p is not None
-        logits = space.logits(p.x0_hat.float())  # (B, L, V)
+        logits = space.logits(p.x0_hat.float(), table)  # (B, L, V)
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
         rounding = rounding + reduce(ce, config.reduction)
     terms["rounding"] = rounding
     total = total + weight * rounding
     with torch.no_grad():
-        accuracy = (space.logits(pred.x0_hat.float()).argmax(-1) == ids).float().mean()
+        accuracy = (space.logits(pred.x0_hat.float(), table).argmax(-1) == ids).float().mean()
     return {"loss": total, **terms, "token_accuracy": accuracy}
 
 

@@ -67,6 +67,11 @@ class CaptionModel:
     def autoregressive(self) -> bool:
         return self.config.model.kind == "autoregressive"
 
+    @property
+    def word_table(self) -> torch.Tensor | None:
+        """The learned word table (text.embeddings "trainable"/"learned"), None for the frozen one."""
+        return getattr(self.denoiser, "words", None)
+
     def meta(self) -> dict[str, Any]:
         key = "decoder_shape" if self.autoregressive else "denoiser_shape"
         return {key: dataclasses.asdict(self.denoiser.shape), "text": self.space.describe()}
@@ -82,12 +87,13 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
     if config.text.max_length > max_positions:
         raise ConfigError(f"text.max_length={config.text.max_length} exceeds the backbone's {max_positions} positions")
     m = config.model
+    learned = config.text.embeddings == "learned"
     return DenoiserShape(
-        latent_dim=space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim, hidden=hidden, heads=heads,
+        latent_dim=config.text.embedding_dim if learned else space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim, hidden=hidden, heads=heads,
         intermediate=intermediate, layers=m.layers, max_length=config.text.max_length, use_pooled=m.use_pooled,
         grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
         dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
-        pooled_mode=m.pooled_mode,
+        pooled_mode=m.pooled_mode, vocab_size=0 if config.text.embeddings == "frozen" else space.vocab_size,
     )
 
 
@@ -122,6 +128,10 @@ def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterab
         denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
         if config.model.init_from_backbone:
             denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
+        if denoiser.words is not None:
+            with torch.no_grad():  # trainable: from the frozen table; learned: N(0, latent_scale^2) per dimension
+                denoiser.words.copy_(space.table if t.embeddings == "trainable"
+                                     else torch.randn(denoiser.words.shape) * t.latent_scale)
     diffusion = make_diffusion(config)
     return CaptionModel(config, space, denoiser, diffusion)
 
@@ -164,7 +174,8 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
     lc, k = model.config.loss, model.config.train.samples_per_caption
     if k > 1:  # k noise levels per caption: repeat the batch
         ids, image, keep = ids.repeat(k, 1), image.repeat(k), keep.repeat(k)
-    x0 = model.space.embed(ids)  # (B, L, D)
+    table = model.word_table  # the live network's (trained with it), or None for the frozen one
+    x0 = model.space.embed(ids, table)  # (B, L, D)
     t = model.diffusion.sample_timesteps(len(ids), device=ids.device)
     fn = lambda x, tt, sc: network(x, tt, image, keep, sc)  # noqa: E731
     pred = model.diffusion.training_prediction(fn, x0, t, torch.randn_like(x0), self_condition)
@@ -173,7 +184,8 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
         pred_1 = model.diffusion.training_prediction(fn, x0, torch.zeros_like(t), torch.randn_like(x0), False)
     with torch.autocast(device_type=ids.device.type, enabled=False):  # distances and rounding logits in fp32
         return caption_losses(pred, ids, model.space, lc, pred_1=pred_1,
-                              latent_target=model.diffusion.target != "eps", rounding_weight=rounding_weight)
+                              latent_target=model.diffusion.target != "eps", rounding_weight=rounding_weight,
+                              table=table)
 
 
 def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:
@@ -266,7 +278,8 @@ def generate(
     B = len(image) if image is not None else (batch or 1)
     base = s.seed if seed is None else seed
     generator = torch.Generator(device="cpu").manual_seed(base)  # fresh noise of eta > 0 steps
-    shape = (B, model.space.max_length, model.space.dim)
+    shape = (B, model.space.max_length, model.denoiser.shape.latent_dim)
+    table = model.word_table
     # Row i starts from noise seeded by (seed, first_index + i): the k-th image of a call gets the same caption
     # whatever the batch size, and different images get independent noise (a corpus score then averages
     # over many draws instead of resting on one).
@@ -285,7 +298,7 @@ def generate(
         denoise,
         shape,
         steps,
-        denoised_fn=(lambda x0: model.space.clamp(x0, penalty)) if clamp else None,
+        denoised_fn=(lambda x0: model.space.clamp(x0, penalty, table)) if clamp else None,
         self_condition=model.denoiser.shape.self_condition,
         eta=s.eta if eta is None else eta,
         time_difference=s.time_difference if time_difference is None else time_difference,
@@ -294,10 +307,10 @@ def generate(
         keep_trajectory=keep_trajectory,
         noise=noise,
     )
-    ids = model.space.round(result.x0, penalty)
+    ids = model.space.round(result.x0, penalty, table)
     trajectory = []
     for t, x0_hat in result.trajectory:
-        probs = model.space.logits(x0_hat).softmax(-1)
+        probs = model.space.logits(x0_hat, table).softmax(-1)
         confidence, step_ids = probs.max(-1)
         trajectory.append((t, model.space.decode(step_ids, collapse), confidence, step_ids))
     return Generation(model.space.decode(ids, collapse), trajectory)

@@ -247,7 +247,8 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     decay, no_decay = [], []
     for name, p in denoiser.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        # no decay on norms, biases and a learned word table (decay would shrink it against fixed-size noise)
+        (no_decay if p.ndim < 2 or "norm" in name or name == "words" else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=(0.9, 0.98))
     state: dict[str, Any] = {"step": 0, "epoch": 0, "position": 0, "elapsed": 0.0}

@@ -59,6 +59,7 @@ class DenoiserShape:
     layer_norm_eps: float = 1e-12
     grid_mode: str = "prefix"  # "prefix": grid cells are sequence positions; "cross": a cross-attended memory
     pooled_mode: str = "concat"  # "concat": the pooled vector is a prefix position; "add": added to every position
+    vocab_size: int = 0  # > 0: the network owns a learned (vocab_size, latent_dim) word table (text.embeddings)
 
     @property
     def cross(self) -> bool:
@@ -175,6 +176,8 @@ class Denoiser(nn.Module):
             Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, s.cross) for _ in range(s.layers)
         )
         self.out_proj = nn.Linear(H, s.latent_dim)
+        # the learned word table (trainable or learned embeddings): the text space embeds and rounds with it
+        self.words = nn.Parameter(torch.zeros(s.vocab_size, s.latent_dim)) if s.vocab_size > 0 else None
         self._initialize_weights()
 
     def _initialize_weights(self) -> None:

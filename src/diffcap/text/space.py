@@ -11,6 +11,10 @@ per-dimension std of ~0.06, so unit Gaussian noise on them would drown every wor
 multiplied by `latent_scale`. Rounding is tied to that table with no learned bias: the logit of word v is
 `-||x - e_v||^2 / 2` (up to a per-position constant), so the argmax is the nearest embedding and the
 cross-entropy pulls the prediction towards its word's embedding, consistent with the x0 distance loss.
+
+With `text.embeddings` "trainable" or "learned" the table is a parameter of the denoiser instead (so that the
+optimizer, the weight average and distributed training treat it like any other weight); the methods below
+then take it as `table`, and default to the frozen one.
 """
 
 from __future__ import annotations
@@ -170,32 +174,32 @@ class TextSpace(nn.Module):
             out[row, len(ids)] = self.sep_index
         return out
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) indices -> (B, L, D) latents."""
-        return self.table[ids]
+    def embed(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) indices -> (B, L, D) latents (rows of `table`, default the frozen one)."""
+        return (self.table if table is None else table)[ids]
 
     # -- latents -> tokens -------------------------------------------------------------------------------
-    def logits(self, latents: torch.Tensor) -> torch.Tensor:
+    def logits(self, latents: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, D) -> (B, L, V): -||x - e_v||^2 / 2 without the per-position ||x||^2 term."""
-        table = self.table.to(latents.dtype)
+        table = (self.table if table is None else table).to(latents.dtype)
         half_sq_norm = 0.5 * (table * table).sum(-1)  # (V,)
         return latents @ table.T - half_sq_norm
 
-    def round(self, latents: torch.Tensor, end_penalty: float = 0.0) -> torch.Tensor:
+    def round(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None) -> torch.Tensor:
         """Nearest word piece at each position: (B, L, D) -> (B, L).
 
         `end_penalty` > 0 makes [SEP]/[PAD] win only by that margin of logit. An uncertain x0 prediction is
         pulled towards the centre of the space, where [PAD] lies (one of the embeddings nearest the origin),
         so without it captions tend to end early.
         """
-        logits = self.logits(latents)
+        logits = self.logits(latents, table)
         if end_penalty:
             logits[..., [self.sep_index, self.pad_index]] -= end_penalty
         return logits.argmax(-1)
 
-    def clamp(self, latents: torch.Tensor, end_penalty: float = 0.0) -> torch.Tensor:
+    def clamp(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None) -> torch.Tensor:
         """Snap every position to its nearest word embedding (the sampler's `denoised_fn`)."""
-        return self.embed(self.round(latents, end_penalty)).to(latents.dtype)
+        return self.embed(self.round(latents, end_penalty, table), table).to(latents.dtype)
 
     def decode(self, ids: torch.Tensor, collapse_repeats: bool = False) -> list[str]:
         """(B, L) indices -> captions, cut at the first [SEP]/[PAD], with no special tokens.
