@@ -13,6 +13,8 @@ def test_tiny_benchmark_writes_every_section(tmp_path: Path, capsys) -> None:
     assert main(["--tiny", "--no-features", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result["ceiling"]) == {"fp32", "bf16"} and all(v > 0 for v in result["ceiling"].values())
+    for precision, figures in result["ceiling_shapes"].items():  # the ceiling is the best of the model's shapes
+        assert "rounding head" in figures and result["ceiling"][precision] == max(figures.values())
     sampling = result["sampling"]
     assert {(r["batch"], r["steps"], r["guidance"]) for r in sampling} == {
         (b, n, w) for b in (1, 4) for n in (1, 2) for w in (0.0, 1.0)}
