@@ -132,6 +132,8 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
     (["text.embeddings=learned", "text.embedding_dim=1"], "text.embedding_dim"),
     (["text.embeddings=random"], "text.embeddings"),
     (["model.kind=autoregressive", "text.embeddings=trainable"], "text.embeddings"),
+    (["model.kind=autoregressive", "model.text_slot=retrieved"], "model.text_slot"),
+    (["model.text_slot=caption"], "model.text_slot"),
 ])
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -228,3 +230,64 @@ def test_learned_tables_are_trained_saved_and_reloaded(tmp_path, shapes_jsonl, t
         assert not torch.allclose(model.word_table, start)
     image = ImageFeatures(torch.randn(2, model.denoiser.shape.pooled_dim), torch.randn(2, 16, model.denoiser.shape.grid_dim))
     assert len(generate(model, image, steps=2).captions) == 2
+
+
+# -- the text slot (model.text_slot="retrieved") -----------------------------------------------------------------
+
+
+def test_sentence_vectors_put_paraphrases_closer_than_unrelated_captions() -> None:
+    from diffcap.text.retrieval import sentence_vectors
+
+    v = sentence_vectors("minilm", ["a dog runs on the grass", "a puppy running across a lawn",
+                                    "a red car parked on a city street"])
+    assert torch.allclose(v.norm(dim=-1), torch.ones(3), atol=1e-4)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
+
+
+def test_retrieval_finds_the_most_similar_image_and_never_itself_when_excluded() -> None:
+    from diffcap.text.retrieval import RetrievalMemory
+
+    pooled = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    memory = RetrievalMemory.build("minilm", pooled, [["a dog runs"], ["a puppy runs", "a dog running"], ["a car"]])
+    values = memory.values.float()
+    assert torch.equal(memory.nearest(pooled), values)  # each image is its own nearest
+    excluded = memory.nearest(pooled, exclude=torch.arange(3))
+    assert torch.equal(excluded[0], values[1]) and torch.equal(excluded[1], values[0])  # 0 <-> 1 are neighbours
+    # a caption-less image has no text feature
+    with pytest.raises(ValueError, match="at least one caption"):
+        RetrievalMemory.build("minilm", pooled[:1], [[]])
+
+
+def test_text_slot_is_one_more_prefix_position_that_the_output_depends_on() -> None:
+    plain, slotted = _model(), _model("model.text_slot=retrieved")
+    s = slotted.denoiser.shape
+    assert s.prefix_length == plain.denoiser.shape.prefix_length + 1 and s.text_dim == 384
+    ids, image, keep = _batch(slotted)
+    x = slotted.space.embed(ids)
+    t = torch.full((4,), 500)
+    slotted.denoiser.eval()
+    with pytest.raises(ValueError, match="text slot"):
+        slotted.denoiser(x, t, image, keep)
+    a = slotted.denoiser(x, t, image.with_text(torch.randn(4, 384)), keep)
+    b = slotted.denoiser(x, t, image.with_text(torch.randn(4, 384)), keep)
+    assert not torch.allclose(a, b)
+    drop = torch.zeros(4, dtype=torch.bool)  # a dropped condition drops the text with the image
+    assert torch.allclose(slotted.denoiser(x, t, image.with_text(torch.randn(4, 384)), drop),
+                          slotted.denoiser(x, t, image.with_text(torch.randn(4, 384)), drop))
+
+
+def test_text_slot_trains_saves_its_memory_and_captions_new_images(tmp_path, shapes_jsonl, tiny_config) -> None:
+    from diffcap.checkpoint import load_checkpoint
+    from diffcap.pipeline import load_model
+    from diffcap.train import train
+
+    config = tiny_config(shapes_jsonl, model__text_slot="retrieved", train__max_steps=3)
+    checkpoint = train(config, tmp_path / "run", progress=False)
+    _, _, tensors = load_checkpoint(checkpoint)
+    assert {"retrieval.keys", "retrieval.values"} <= set(tensors)
+    model, _ = load_model(checkpoint)
+    assert model.memory is not None and len(model.memory.keys) == len(model.train_image_hashes)
+    s = model.denoiser.shape
+    image = ImageFeatures(torch.randn(2, s.pooled_dim), torch.randn(2, 16, s.grid_dim))  # no text: retrieved
+    assert len(generate(model, image, steps=2).captions) == 2
+    assert len(generate(model, image, steps=2, guidance=1.0).captions) == 2

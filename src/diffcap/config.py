@@ -80,6 +80,10 @@ class ModelConfig:
     # "concat": the pooled vector is one more prefix position; "add": its projection is added to every position
     pooled_mode: Literal["concat", "add"] = "concat"
     timestep_embedding: bool = True
+    # A second conditioning slot for a text feature (one more prefix position), as the original's
+    # [x_t, image, text]: "none", or "retrieved" = the sentence embedding of the captions of the most similar
+    # training image (never the image itself in training), which exists at test time too (text/retrieval.py).
+    text_slot: Literal["none", "retrieved"] = "none"
     self_condition: bool = True
     dropout: float = 0.1
 
@@ -351,6 +355,8 @@ def validate(config: Config) -> None:
     need(t.latent_scale > 0, "text.latent_scale", "must be > 0")
     need(t.embeddings != "learned" or 2 <= t.embedding_dim <= 4096, "text.embedding_dim",
          "must be between 2 and 4096 (Diffusion-LM used 16 to 128)")
+    need(m.text_slot == "none" or m.kind == "diffusion", "model.text_slot",
+         "the autoregressive baseline has no text slot: use model.text_slot=none")
     need(t.embeddings == "frozen" or m.kind == "diffusion", "text.embeddings",
          "the autoregressive baseline reads the backbone's embeddings: use text.embeddings=frozen")
     need(2 <= d.timesteps <= 10_000, "diffusion.timesteps", "must be between 2 and 10000")

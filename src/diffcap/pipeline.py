@@ -25,6 +25,7 @@ from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
 from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
 from diffcap.models.guidance import conditioned
 from diffcap.selection import mbr_select
+from diffcap.text.retrieval import RetrievalMemory
 from diffcap.text.space import TextSpace, load_backbone
 
 
@@ -46,6 +47,7 @@ class CaptionModel:
     denoiser: Denoiser | CaptionDecoder
     diffusion: GaussianDiffusion
     train_image_hashes: torch.Tensor | None = None  # (N,) image_key_hashes of the training images
+    memory: RetrievalMemory | None = None  # the text slot's training-image memory (model.text_slot="retrieved")
 
     def tensors(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """What model.safetensors holds: denoiser weights (default: the live ones), text-space buffers and
@@ -54,7 +56,17 @@ class CaptionModel:
         out = {**prefixed("denoiser", state), **prefixed("text", self.space.state_dict())}
         if self.train_image_hashes is not None:
             out["data.train_image_hashes"] = self.train_image_hashes
+        if self.memory is not None:
+            out.update(self.memory.tensors())
         return out
+
+    def with_text(self, image: ImageFeatures) -> ImageFeatures:
+        """The condition with the text slot filled (retrieved from the memory) when the model has one."""
+        if self.config.model.text_slot == "none" or image.text is not None:
+            return image
+        if self.memory is None:
+            raise ValueError("this model has a retrieval text slot but no retrieval memory (a damaged checkpoint?)")
+        return image.with_text(self.memory.nearest(image.pooled))
 
     def trained_on(self, keys: list[str]) -> list[str]:
         """The keys among `keys` that were training images of this model (empty when unknown)."""
@@ -94,6 +106,7 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
         grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
         dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
         pooled_mode=m.pooled_mode, vocab_size=0 if config.text.embeddings == "frozen" else space.vocab_size,
+        text_dim=hidden if m.text_slot == "retrieved" else 0,  # sentence vectors of the same backbone
     )
 
 
@@ -157,7 +170,10 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
         raise CheckpointError(f"{directory}: weights do not match the stored model shape ({exc})") from exc
     denoiser.eval()
     diffusion = make_diffusion(config)
-    return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes")), meta
+    memory = RetrievalMemory.from_tensors(tensors)
+    if config.model.text_slot == "retrieved" and memory is None:
+        raise CheckpointError(f"{directory}: the model has a retrieval text slot but the checkpoint holds no memory")
+    return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes"), memory), meta
 
 
 def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Tensor, image: ImageFeatures,
@@ -288,6 +304,8 @@ def generate(
         for i in range(B)
     ])
     model.denoiser.eval()
+    if image is not None:
+        image = model.with_text(image)
     network = conditioned(model.denoiser, image, guidance)
 
     def denoise(x: torch.Tensor, t: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:

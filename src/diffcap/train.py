@@ -42,7 +42,9 @@ from diffcap.data.datasets import check_no_leakage
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
 from diffcap.losses import DynamicRoundingWeight
+from diffcap.models.denoiser import ImageFeatures
 from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, training_losses
+from diffcap.text.retrieval import RetrievalMemory
 
 log = logging.getLogger("diffcap")
 
@@ -52,6 +54,13 @@ class TrainData:
     table: FeatureTable  # image features of the training images
     rows: torch.Tensor  # (N,) feature row of each caption
     ids: torch.Tensor  # (N, L) token indices of each caption
+    text: torch.Tensor | None = None  # (M, Dt) the text slot's feature of each training image (model.text_slot)
+
+    def condition(self, batch: torch.Tensor, device: torch.device) -> ImageFeatures:
+        """The image features (and text-slot features) of a batch of caption indices."""
+        rows = self.rows[batch]
+        image = self.table.batch(rows, device)
+        return image if self.text is None else image.with_text(self.text[rows].to(device))
 
 
 class TrainingDiverged(RuntimeError):
@@ -238,6 +247,12 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     model.train_image_hashes = image_key_hashes(r.key for r in train_records)
     rows = torch.tensor([i for i, r in enumerate(train_records) for _ in r.captions])
     data = TrainData(train_table, rows, model.space.encode(captions))
+    if config.model.text_slot == "retrieved":  # every process builds the same memory
+        model.memory = RetrievalMemory.build(config.text.backbone, train_table.pooled,
+                                             [r.captions for r in train_records],
+                                             progress=progress and accelerator.is_main_process)
+        # each training image's text feature: its nearest *other* training image's captions
+        data.text = model.memory.nearest(train_table.pooled, exclude=torch.arange(len(train_records)))
     log.info("training on %d captions of %d images; vocabulary %d word pieces", len(rows), len(train_records),
              model.space.vocab_size)
 
@@ -344,7 +359,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 group["lr"] = lr_at(config, step, progress_frac)
 
             ids = data.ids[batch].to(device)  # (B, L)
-            image = data.table.batch(data.rows[batch], device)
+            image = data.condition(batch, device)
             keep = torch.rand(len(batch), device=device) >= tr.cond_drop_prob
             use_sc = not model.autoregressive and model.denoiser.shape.self_condition \
                 and random.random() < tr.self_condition_prob

@@ -2,8 +2,8 @@
 
 Input sequence (no attention mask — every position is always visible, in training as at sampling):
 
-    [ image prefix: pooled vector, P x P pooled grid cells ] [ caption latents x_t (and self-cond x0_hat) ]
-      type embedding 1, learned prefix positions               type embedding 0, backbone positions
+    [ image prefix: pooled vector, P x P pooled grid cells, (text slot) ] [ caption latents x_t (and self-cond x0_hat) ]
+      type embedding 1, learned prefix positions                          type embedding 0, backbone positions
 
 With `grid_mode="cross"` the grid cells leave the sequence and become a memory every block cross-attends to
 (a BERT decoder layer: self-attention, cross-attention, feed-forward): the sequence is then only the pooled
@@ -26,17 +26,25 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ImageFeatures:
+    """The condition: an image's features, and the text slot's feature for models that have one."""
+
     pooled: torch.Tensor  # (B, Dp)
     grid: torch.Tensor  # (B, N, Dg), N = side * side
+    text: torch.Tensor | None = None  # (B, Dt) the text slot's feature (model.text_slot), else None
 
     def __len__(self) -> int:
         return int(self.pooled.shape[0])
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        return ImageFeatures(self.pooled.to(device), self.grid.to(device))
+        return ImageFeatures(self.pooled.to(device), self.grid.to(device),
+                             None if self.text is None else self.text.to(device))
 
     def repeat(self, n: int) -> ImageFeatures:
-        return ImageFeatures(self.pooled.repeat(n, 1), self.grid.repeat(n, 1, 1))
+        return ImageFeatures(self.pooled.repeat(n, 1), self.grid.repeat(n, 1, 1),
+                             None if self.text is None else self.text.repeat(n, 1))
+
+    def with_text(self, text: torch.Tensor) -> ImageFeatures:
+        return ImageFeatures(self.pooled, self.grid, text)
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class DenoiserShape:
     grid_mode: str = "prefix"  # "prefix": grid cells are sequence positions; "cross": a cross-attended memory
     pooled_mode: str = "concat"  # "concat": the pooled vector is a prefix position; "add": added to every position
     vocab_size: int = 0  # > 0: the network owns a learned (vocab_size, latent_dim) word table (text.embeddings)
+    text_dim: int = 0  # > 0: one more prefix position, the text slot's feature projected (model.text_slot)
 
     @property
     def cross(self) -> bool:
@@ -71,7 +80,7 @@ class DenoiserShape:
 
     @property
     def prefix_length(self) -> int:
-        return int(self.use_pooled and not self.added) + (0 if self.cross else self.grid_pool**2)
+        return int(self.use_pooled and not self.added) + (0 if self.cross else self.grid_pool**2) + int(self.text_dim > 0)
 
     @property
     def memory_length(self) -> int:
@@ -163,6 +172,7 @@ class Denoiser(nn.Module):
         self.pooled_proj = nn.Linear(s.pooled_dim, H) if s.use_pooled else None
         self.null_pooled = nn.Parameter(torch.zeros(H)) if s.added else None  # "no image" in add mode
         self.grid_proj = nn.Linear(s.grid_dim, H) if s.grid_pool > 0 else None
+        self.text_proj = nn.Linear(s.text_dim, H) if s.text_dim > 0 else None
         self.prefix_positions = nn.Parameter(torch.zeros(s.prefix_length, H))
         self.null_prefix = nn.Parameter(torch.zeros(s.prefix_length, H))  # the "no image" condition
         if s.cross:
@@ -218,6 +228,10 @@ class Denoiser(nn.Module):
             parts.append(self.pooled_proj(image.pooled).unsqueeze(1))  # (B, 1, H)
         if self.grid_proj is not None and not self.shape.cross:
             parts.append(self._pooled_grid(image))
+        if self.text_proj is not None:
+            if image.text is None:
+                raise ValueError("this model has a text slot (model.text_slot): the condition needs its text feature")
+            parts.append(self.text_proj(image.text).unsqueeze(1))  # (B, 1, H)
         return self._drop(torch.cat(parts, dim=1), null, keep)  # (B, P, H)
 
     def image_added(self, image: ImageFeatures | None, keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
