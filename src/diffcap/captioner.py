@@ -115,15 +115,17 @@ class Captioner:
         return ImageFeatures(out.pooled.float(), out.grid.float())
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, *, steps: int | None = None,
-                guidance: float | None = None, batch_size: int = 32, seed: int | None = None) -> list[str]:
-        """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config."""
+                guidance: float | None = None, batch_size: int = 32, seed: int | None = None,
+                candidates: int | None = None) -> list[str]:
+        """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config.
+        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one."""
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start: start + batch_size])
             captions += generate(self.model, self.features(chunk), steps=steps, guidance=guidance, seed=seed,
-                                 first_index=start).captions
+                                 first_index=start, candidates=candidates).captions
         return captions
 
     def trajectory(self, image: ImageInput, *, steps: int | None = None, guidance: float | None = None,

@@ -95,6 +95,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from diffcap.captioner import Captioner
 
     args.checkpoint, args.images = _checkpoint_and_images(args.paths)
+    if args.candidates is not None and args.trajectory:
+        raise ValueError("--trajectory follows one sample: leave out --candidates")
     captioner = Captioner.from_pretrained(args.checkpoint)
     if args.trajectory:
         from diffcap.captioner import format_trajectory
@@ -111,7 +113,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(records, indent=1))
         return 0
-    captions = captioner.caption(args.images, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    captions = captioner.caption(args.images, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                 candidates=args.candidates)
     for image, caption in zip(args.images, captions):
         print(f"{image}\t{caption}" if len(args.images) > 1 else caption)
     return 0
@@ -125,6 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffcap.pipeline import load_model
     from diffcap.encoders.base import build_encoder
 
+    from diffcap.app import resolve_checkpoint
+
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # none given: the checkpoint shipped with diffcap
     model, meta = load_model(args.checkpoint)
     data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
                       annotations=str(args.annotations or ""))
@@ -272,13 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--candidates", type=int, default=None,
+                   help="sample N captions per image and keep the minimum-Bayes-risk one (N times slower)")
     p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
     p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
     p.add_argument("--json", action="store_true", help="with --trajectory: JSON, as the web app's API returns it")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("evaluate", help="caption a split and score it (pycocoevalcap, PTB tokenisation)")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, nargs="?", default=None,
+                   help="checkpoint directory (default: the one shipped with diffcap)")
     _add_dataset_args(p)
     p.add_argument("--split", default="dev", choices=["train", "dev", "test"])
     p.add_argument("--limit", type=int, default=None, help="first N images only")

@@ -1,0 +1,66 @@
+"""The checkpoint that ships with the package (issue: "ship it"): small, fp16, captioning-only, and it captions
+the shipped example photos and evaluates a Flickr8k-layout folder holding only the test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffcap.app import DEFAULT_CHECKPOINT, EXAMPLES_DIR
+from diffcap.checkpoint import load_checkpoint
+from diffcap.cli import main
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "meta.json").is_file(), reason="no shipped checkpoint")
+
+
+def test_shipped_checkpoint_is_small_fp16_and_holds_no_training_state() -> None:
+    size = sum(f.stat().st_size for f in DEFAULT_CHECKPOINT.iterdir())
+    assert size <= 40_000_000
+    names = {f.name for f in DEFAULT_CHECKPOINT.iterdir()}
+    assert names == {"config.json", "meta.json", "model.safetensors"}  # no optimizer / train state
+    config, meta, tensors = load_checkpoint(DEFAULT_CHECKPOINT)
+    weights = [v for k, v in tensors.items() if k.startswith("denoiser.") and v.is_floating_point()]
+    assert weights and all(v.dtype == torch.float16 for v in weights)
+    assert not any(k.startswith("text.table") for k in tensors)  # the word table comes from the text package
+    assert config["data"]["dataset"] == "flickr8k" and meta["weights_dtype"] == "float16"
+
+
+def test_shipped_checkpoint_captions_the_example_photos(capsys) -> None:
+    photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    assert main(["caption", *map(str, photos)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(photos)
+    for line, photo in zip(lines, photos):
+        path, caption = line.split("\t")
+        assert path == str(photo) and len(caption.split()) >= 2 and "[" not in caption
+
+
+def test_shipped_checkpoint_evaluates_a_folder_holding_only_the_test_split(tmp_path: Path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "heldout"
+    (root / "Flickr8k_Dataset").mkdir(parents=True)
+    tokens, names = [], []
+    for i, photo in enumerate(sorted(EXAMPLES_DIR.glob("*.jpg"))):
+        name = f"{5000 + i}_photo.jpg"
+        Image.open(photo).convert("RGB").save(root / "Flickr8k_Dataset" / name)
+        names.append(name)
+        tokens += [f"{name}#{k}\ta photo of something number {k}" for k in range(5)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
+    (root / "Flickr_8k.testImages.txt").write_text("\n".join(names) + "\n")
+    output = tmp_path / "test.json"
+    assert main(["evaluate", "--dataset", "flickr8k", "--root", str(root), "--split", "test",
+                 "--cache-dir", str(tmp_path / "cache"), "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["split"] == "test" and {c["image"] for c in result["captions"]} == set(names)
+
+
+def test_candidates_flag_reaches_the_sampler(capsys) -> None:
+    photo = str(sorted(EXAMPLES_DIR.glob("*.jpg"))[0])
+    assert main(["caption", photo, "--candidates", "3"]) == 0
+    assert len(capsys.readouterr().out.split()) >= 2
+    assert main(["caption", photo, "--candidates", "3", "--trajectory"]) == 2
+    assert "leave out --candidates" in capsys.readouterr().err
