@@ -25,3 +25,15 @@ def test_tiny_benchmark_writes_every_section(tmp_path: Path, capsys) -> None:
     assert result["training"]["samples_per_s"] > 0 and result["training"]["fraction_of_ceiling"] > 0
     table = capsys.readouterr().out
     assert "ceiling" in table and "training:" in table and "AR beam=3" in table
+
+
+def test_levers_are_timed_off_and_on(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert main(["--tiny", "--no-features", "--levers", "--no-compile", "--out", str(out)]) == 0
+    levers = json.loads(out.read_text())["levers"]
+    settings = {(r["lever"], r["setting"]) for r in levers}
+    assert {("precision", "fp32"), ("precision", "bf16"), ("image condition", "every step"),
+            ("image condition", "once per call"), ("training precision", "fp32"),
+            ("training precision", "bf16")} <= settings
+    assert all(r.get("captions_per_s", r.get("samples_per_s", 0)) > 0 for r in levers)
+    assert "levers (one at a time)" in capsys.readouterr().out

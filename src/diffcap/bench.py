@@ -135,6 +135,7 @@ class Results:
     training: dict[str, Any] = field(default_factory=dict)
     features: dict[str, Any] = field(default_factory=dict)
     caption_process: dict[str, Any] = field(default_factory=dict)
+    levers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -172,7 +173,7 @@ def bench_autoregressive(model: CaptionModel, device: torch.device, *, batches: 
 
 
 def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str, float], *, batch: int,
-                   repeats: int, epoch_captions: int | None) -> dict[str, Any]:
+                   repeats: int, epoch_captions: int | None, precision: str = "bf16") -> dict[str, Any]:
     net = model.denoiser.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     ids = torch.randint(0, model.space.vocab_size, (batch, model.space.max_length), device=device)
@@ -180,7 +181,7 @@ def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str,
     keep = torch.ones(batch, dtype=torch.bool, device=device)
 
     def step() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             losses = training_losses(model, net, ids, image, keep, self_condition=False)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -190,12 +191,65 @@ def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str,
     seconds = timeit(step, device, repeats=repeats)
     samples = batch * model.config.train.samples_per_caption
     net.eval()
-    out = {"batch": batch, "samples_per_s": samples / seconds, "seconds_per_step": seconds,
-           "gflops": flops / seconds / 1e9, "fraction_of_ceiling": flops / seconds / 1e9 / ceiling["bf16"],
-           "note": "one AdamW step, bf16 autocast, without self-conditioning's extra no-grad pass"}
+    out = {"batch": batch, "precision": precision, "samples_per_s": samples / seconds, "seconds_per_step": seconds,
+           "gflops": flops / seconds / 1e9, "fraction_of_ceiling": flops / seconds / 1e9 / ceiling[precision],
+           "note": f"one AdamW step, {precision}, without self-conditioning's extra no-grad pass"}
     if epoch_captions:
         out["minutes_per_epoch"] = epoch_captions / (samples / seconds) / 60
     return out
+
+
+def bench_levers(model: CaptionModel, device: torch.device, *, steps: int, batches: tuple[int, ...], repeats: int,
+                 compile_: bool = True) -> list[dict[str, Any]]:
+    """Sampling time with each lever of the performance issue off and on, one at a time, at `steps` steps:
+    fp32 vs bf16 matmuls; the image condition (prefix positions, cross-attention keys/values) computed once per
+    call vs at every step; one thread vs all; torch.compile of the denoiser's forward."""
+    from unittest import mock
+
+    def uncached(denoiser: Any, image: ImageFeatures | None, guidance: float = 0.0) -> Callable[..., torch.Tensor]:
+        return lambda x_t, t, self_cond: denoiser(x_t, t, image, None, self_cond)  # condition rebuilt every step
+
+    rows = []
+
+    def record(lever: str, setting: str, b: int, fn: Callable[[], Any]) -> None:
+        seconds = timeit(fn, device, repeats=repeats)
+        rows.append({"lever": lever, "setting": setting, "batch": b, "steps": steps,
+                     "ms_per_caption": 1000 * seconds / b, "captions_per_s": b / seconds})
+
+    threads = torch.get_num_threads()
+    for b in batches:
+        image = fake_features(model, b).to(device)
+        run = lambda precision="fp32": generate(model, image, steps=steps, precision=precision)  # noqa: E731
+        record("precision", "fp32", b, run)
+        record("precision", "bf16", b, lambda: run("bf16"))
+        with mock.patch("diffcap.pipeline.conditioned", uncached):
+            record("image condition", "every step", b, run)
+        record("image condition", "once per call", b, run)
+        if device.type == "cpu" and threads > 1:
+            torch.set_num_threads(1)
+            try:
+                record("threads", "1", b, run)
+            finally:
+                torch.set_num_threads(threads)
+            record("threads", str(threads), b, run)
+    if compile_:
+        plain = model.denoiser.forward
+        model.denoiser.forward = torch.compile(plain)  # type: ignore[method-assign]
+        try:
+            for b in batches:
+                image = fake_features(model, b).to(device)
+                run = lambda: generate(model, image, steps=steps)  # noqa: E731
+                start = time.perf_counter()
+                run()  # compiles (once per batch shape)
+                compile_s = time.perf_counter() - start
+                record("torch.compile", "compiled", b, run)
+                rows[-1]["first_call_s"] = compile_s
+        finally:
+            model.denoiser.forward = plain  # type: ignore[method-assign]
+        for b in batches:
+            image = fake_features(model, b).to(device)
+            record("torch.compile", "eager", b, lambda: generate(model, image, steps=steps))
+    return rows
 
 
 def bench_features(encoder_name: str, device: torch.device, *, batch: int, repeats: int) -> dict[str, Any]:
@@ -285,8 +339,17 @@ def run(args: argparse.Namespace) -> Results:
         diffb = next(r for r in results.sampling if r["batch"] == big and r["steps"] == matched and r["guidance"] == 0)
         greedyb = next(r for r in results.autoregressive if r["batch"] == big and r["beam_size"] == 1)
         results.ratios[f"throughput_diffusion_over_ar_greedy_batch{big}"] = diffb["captions_per_s"] / greedyb["captions_per_s"]
+    if args.levers:
+        results.levers = bench_levers(diffusion, device, steps=args.matched_steps if not args.tiny else 2,
+                                      batches=batches, repeats=repeats, compile_=not args.no_compile)
     results.training = bench_training(diffusion, device, results.ceiling, batch=batches[-1] if args.tiny else 64,
                                       repeats=repeats, epoch_captions=None if args.tiny else args.epoch_captions)
+    if args.levers:
+        fp32 = bench_training(diffusion, device, results.ceiling, batch=results.training["batch"], repeats=repeats,
+                              epoch_captions=None, precision="fp32")
+        for t in (fp32, results.training):
+            results.levers.append({"lever": "training precision", "setting": t["precision"], "batch": t["batch"],
+                                   "samples_per_s": t["samples_per_s"], "fraction_of_ceiling": t["fraction_of_ceiling"]})
     if not args.no_features:
         results.features = bench_features(diffusion.config.encoder.name, device, batch=4 if args.tiny else 32,
                                           repeats=repeats)
@@ -316,6 +379,13 @@ def format_table(results: Results) -> str:
         lines.append(f"features: {results.features['images_per_s']:.1f} images/s ({results.features['encoder']})")
     if results.caption_process:
         lines.append(f"diffcap caption (fresh process): {json.dumps(results.caption_process)}")
+    if results.levers:
+        lines += ["", "levers (one at a time)        setting         batch  ms/caption  captions/s (training: samples/s)"]
+        for r in results.levers:
+            speed = r.get("captions_per_s", r.get("samples_per_s", 0.0))
+            ms = f"{r['ms_per_caption']:11.1f}" if "ms_per_caption" in r else f"{'-':>11}"
+            lines.append(f"  {r['lever']:<27} {r['setting']:<15} {r['batch']:5d} {ms} {speed:11.1f}"
+                         + (f"  (first call {r['first_call_s']:.1f} s)" if "first_call_s" in r else ""))
     return "\n".join(lines)
 
 
@@ -336,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-captions", type=int, default=30_000, help="captions per epoch (Flickr8k train: 30,000)")
     p.add_argument("--image", type=Path, default=None, help="time `diffcap caption` on this image in a fresh process")
     p.add_argument("--no-features", action="store_true", help="skip the feature-extraction benchmark")
+    p.add_argument("--levers", action="store_true",
+                   help="also time sampling with each speed lever off and on (precision, cached condition, threads, "
+                        "torch.compile) at --matched-steps")
+    p.add_argument("--no-compile", action="store_true", help="with --levers: skip torch.compile (slow to compile)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     return p
 
