@@ -87,6 +87,19 @@ def test_round_trip(tmp_path) -> None:
     assert _leftovers(tmp_path) == []
 
 
+def test_checkpoint_files_get_the_users_usual_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        directory = _save(tmp_path / "ckpt", 0)
+    finally:
+        os.umask(old)
+    for f in directory.iterdir():  # safetensors alone would leave model.safetensors 0600 (unreadable to a team)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f.name
+
+
 def test_round_trip_with_train_state(tmp_path) -> None:
     train = {"opt.exp_avg": torch.randn(5, 2), "step": torch.tensor(12)}
     _save(tmp_path / "ckpt", 1, train_tensors=train, train_meta={"step": 12, "rng": [1, 2, 3]})

@@ -73,6 +73,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """0o666 minus the process's umask: the permissions a plain `open(path, "w")` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(
     directory: Path,
     *,
@@ -103,7 +110,9 @@ def save_checkpoint(
             texts["train_state.json"] = json.dumps(train_meta)
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
+        mode = _file_mode()
         for f in tmp.iterdir():
+            os.chmod(f, mode)  # safetensors creates its files 0600: make them as readable as any file the user writes
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(tmp)
