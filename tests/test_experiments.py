@@ -70,6 +70,8 @@ def test_tiny_sweep_runs_each_variant_and_compare_reports_them(tmp_path: Path, s
     table = markdown_table([summarize(r) for r in runs])
     assert "loss.distance=l1" in table and "loss.distance=mse" in table
     assert "| 12.5 | 15.0 | 31.0 | 6 |" in table
+    elapsed = json.loads((runs[1] / "checkpoint" / "train_state.json").read_text())["elapsed"]
+    assert elapsed > 0 and summarize(runs[1]).minutes == elapsed / 60  # the run's own training time
     page = compare(runs, tmp_path / "cmp")
     assert (tmp_path / "cmp" / "losses.png").stat().st_size > 1000
     assert "losses.png" in page.read_text()

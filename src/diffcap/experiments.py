@@ -199,8 +199,11 @@ def summarize(run_dir: Path) -> RunSummary:
     step = minutes = None
     meta = run_dir / "checkpoint" / "meta.json"
     if meta.is_file():
-        m = json.loads(meta.read_text())
-        step, minutes = m.get("step"), round(m.get("elapsed", 0.0) / 60, 1)
+        step = json.loads(meta.read_text()).get("step")
+    state = run_dir / "checkpoint" / "train_state.json"  # the training wall time lives with the resumable state
+    if state.is_file():
+        elapsed = json.loads(state.read_text()).get("elapsed")
+        minutes = None if elapsed is None else elapsed / 60
     return RunSummary(run_dir.name, config, metrics, source, step, minutes)
 
 
@@ -218,7 +221,7 @@ def markdown_table(runs: list[RunSummary]) -> str:
     for r in runs:
         diffs = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "(identical configs)"
         cells = [r.name, diffs, *(f"{r.metrics[m]:.1f}" if m in r.metrics else "–" for m in METRICS),
-                 str(r.step) if r.step is not None else "–", f"{r.minutes:g}" if r.minutes is not None else "–",
+                 str(r.step) if r.step is not None else "–", f"{r.minutes:.1f}" if r.minutes is not None else "–",
                  r.metrics_source]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
