@@ -339,3 +339,49 @@ def test_invalid_targets_are_refused() -> None:
         GaussianDiffusion.from_schedule("cosine", 100, target="v")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="interval"):
         GaussianDiffusion.from_schedule("cosine", 100, target="x_prev", interval=100)
+
+
+def _gaussian_oracle(diffusion: GaussianDiffusion, scale: float):
+    """The exact x0 predictor E[x0 | x_t] for data x0 ~ N(0, scale^2) per coordinate."""
+
+    def model(x_t: torch.Tensor, t: torch.Tensor, self_cond: torch.Tensor | None) -> torch.Tensor:
+        ab = diffusion.alpha_bars[t].to(x_t.dtype).view(-1, 1, 1)
+        return ab.sqrt() * scale**2 / (ab * scale**2 + 1 - ab) * x_t
+
+    return model
+
+
+def test_dpmpp_2m_is_a_second_order_solver_of_the_probability_flow_ode() -> None:
+    """For Gaussian data the ODE's solution is known (the flow only rescales: x_t / sqrt(ab_t s^2 + 1 - ab_t) stays
+    constant). With the exact denoiser, doubling the steps must cut DDIM's error about 2x (first order) and
+    DPM-Solver++(2M)'s about 4x (second order), and the latter must be far more accurate at equal steps."""
+    diffusion = GaussianDiffusion.from_schedule("cosine", 1000)
+    scale = 1.0
+    oracle = _gaussian_oracle(diffusion, scale)
+    x_T = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab_T, ab_0 = float(diffusion.alpha_bars[-1]), float(diffusion.alpha_bars[0])
+    x_0 = x_T * math.sqrt(ab_0 * scale**2 + 1 - ab_0) / math.sqrt(ab_T * scale**2 + 1 - ab_T)
+    exact = oracle(x_0, torch.zeros(4, dtype=torch.long), None)  # the sampler returns the x0 estimate at t = 0
+
+    def error(solver: str, steps: int) -> float:
+        x0 = diffusion.sample(oracle, tuple(x_T.shape), steps, self_condition=False, noise=x_T, dtype=torch.float64,
+                              solver=solver).x0
+        return float((x0 - exact).abs().max())
+
+    ddim_order = math.log2(error("ddim", 100) / error("ddim", 200))
+    dpm_order = math.log2(error("dpmpp_2m", 100) / error("dpmpp_2m", 200))
+    assert 0.7 < ddim_order < 1.3 and dpm_order > 1.7, (ddim_order, dpm_order)
+    assert error("dpmpp_2m", 200) < 0.1 * error("ddim", 200)
+
+
+def test_dpmpp_2m_first_step_is_ddim_and_bad_solvers_are_refused(diffusion) -> None:
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    t, s = diffusion.num_timesteps - 1, diffusion.num_timesteps // 2
+    assert torch.allclose(diffusion.dpmpp_2m_step(x, x0, t, s, None), diffusion.ddim_step(x, x0, t, s, 0.0, None),
+                          atol=1e-5)
+    model = lambda x_t, t, sc: torch.zeros_like(x_t)  # noqa: E731
+    with pytest.raises(ValueError, match="unknown solver"):
+        diffusion.sample(model, (1, 2, 3), 2, solver="euler")
+    with pytest.raises(ValueError, match="eta > 0"):
+        diffusion.sample(model, (1, 2, 3), 2, solver="dpmpp_2m", eta=1.0)

@@ -119,6 +119,8 @@ class SampleConfig:
     guidance: float = 0.0  # classifier-free guidance weight w: (1 + w) * cond - w * uncond; 0 = off
     clamp: bool = True  # snap each predicted x0 to the nearest word embeddings (Diffusion-LM's clamping)
     eta: float = 0.0  # 0 = deterministic DDIM update; 1 = DDPM-like fresh noise at every step
+    # "ddim", or "dpmpp_2m": DPM-Solver++(2M), second order from the last two x0 estimates (deterministic)
+    solver: Literal["ddim", "dpmpp_2m"] = "ddim"
     time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
     collapse_repeats: bool = True  # merge immediate repeats of a word piece when decoding ("dog dog" -> "dog")
     end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early
@@ -392,4 +394,5 @@ def validate(config: Config) -> None:
     need(m.kind == "diffusion" or m.grid_pool > 0, "model.grid_pool",
          "the autoregressive decoder cross-attends to the grid: grid_pool must be > 0")
     need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
+    need(s.solver == "ddim" or s.eta == 0, "sample.eta", "fresh noise (eta > 0) needs sample.solver=ddim")
     need(0 <= s.time_difference < d.timesteps, "sample.time_difference", "must be in [0, timesteps)")

@@ -18,6 +18,7 @@ its `respace.py`: any number of sampling steps S <= T is a sampling-time choice,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +31,7 @@ from diffcap.diffusion.schedule import alpha_bar
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Target = Literal["x0", "eps", "x_prev"]
 TARGETS = ("x0", "eps", "x_prev")
+SOLVERS = ("ddim", "dpmpp_2m")
 
 
 @dataclass
@@ -155,12 +157,20 @@ class GaussianDiffusion:
         dtype: torch.dtype = torch.float32,
         keep_trajectory: bool = False,
         noise: torch.Tensor | None = None,
+        solver: str = "ddim",
     ) -> SampleResult:
-        """Generate from pure noise with S re-noising steps (DDIM update; eta > 0 adds fresh noise).
+        """Generate from pure noise with S re-noising steps.
 
         At each step the network predicts x0 from x_t (told a time `time_difference` later than t),
-        `denoised_fn` adjusts it, and x_s at the next, smaller timestep s is rebuilt from it.
+        `denoised_fn` adjusts it, and x_s at the next, smaller timestep s is rebuilt from it: by the DDIM update
+        (`solver="ddim"`; eta > 0 adds fresh noise), or by DPM-Solver++(2M) (`"dpmpp_2m"`, Lu et al. 2022), a
+        second-order multistep solver of the same ODE in data-prediction form that extrapolates from the last two
+        x0 estimates: the same network calls, a smaller error per step, so fewer steps for the same result.
         """
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+        if solver != "ddim" and eta > 0:
+            raise ValueError(f"eta > 0 (fresh noise) needs the ddim solver, not {solver!r}")
         if noise is not None:  # the caller's x_T
             if tuple(noise.shape) != tuple(shape):
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
@@ -170,6 +180,7 @@ class GaussianDiffusion:
         times = self.sampling_timesteps(steps)
         result = SampleResult(x0=x)
         x0_hat: torch.Tensor | None = None
+        previous: tuple[int, torch.Tensor] | None = None  # (t, x0 estimate) of the step before, for dpmpp_2m
         for i, t in enumerate(times):
             t_model = min(t + time_difference, self.num_timesteps - 1)
             t_batch = torch.full((shape[0],), t_model, dtype=torch.long, device=device)
@@ -180,10 +191,33 @@ class GaussianDiffusion:
             if keep_trajectory:
                 result.trajectory.append((t, x0_hat.detach().clone()))
             if i + 1 < len(times):
-                x = self.ddim_step(x, x0_hat, t, times[i + 1], eta, generator)
+                if solver == "dpmpp_2m":
+                    x = self.dpmpp_2m_step(x, x0_hat, t, times[i + 1], previous)
+                    previous = (t, x0_hat)
+                else:
+                    x = self.ddim_step(x, x0_hat, t, times[i + 1], eta, generator)
         assert x0_hat is not None
         result.x0 = x0_hat
         return result
+
+    def _log_snr(self, t: int) -> float:
+        """lambda_t = log(alpha_t / sigma_t), the half log signal-to-noise ratio."""
+        ab = float(self.alpha_bars[t])
+        return 0.5 * (math.log(ab) - math.log1p(-ab))
+
+    def dpmpp_2m_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, s: int,
+                      previous: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+        """x_s from x_t by DPM-Solver++(2M): x_s = (sigma_s / sigma_t) x_t - alpha_s (e^-h - 1) D, h = lambda_s -
+        lambda_t, with D = x0_hat (first order, which is exactly DDIM) or, given the previous step's (t', x0'),
+        the extrapolation D = (1 + 1/2r) x0_hat - 1/2r x0', r = (lambda_t - lambda_t') / h."""
+        ab_t, ab_s = float(self.alpha_bars[t]), float(self.alpha_bars[s])
+        h = self._log_snr(s) - self._log_snr(t)
+        d = x0_hat
+        if previous is not None:
+            t_prev, x0_prev = previous
+            r = (self._log_snr(t) - self._log_snr(t_prev)) / h
+            d = (1 + 0.5 / r) * x0_hat - (0.5 / r) * x0_prev
+        return ((1 - ab_s) / (1 - ab_t)) ** 0.5 * x_t - ab_s**0.5 * math.expm1(-h) * d
 
     def ddim_step(self, x_t: torch.Tensor, x0_hat: torch.Tensor, t: int, s: int, eta: float,
                   generator: torch.Generator | None) -> torch.Tensor:
