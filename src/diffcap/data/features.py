@@ -116,13 +116,13 @@ class FeatureCache:
             raise KeyError(f"{len(missing)} key(s) not in feature cache {self.directory}: {shown}{more}")
         return np.fromiter((self._rows[key] for key in keys), dtype=np.int64, count=len(keys))
 
-    def pooled(self, rows: Rows) -> torch.Tensor:
-        """Pooled features of ``rows`` as float32, (B, Dp)."""
-        return torch.from_numpy(np.asarray(self._pooled[_as_index(rows)], dtype=np.float32))
+    def pooled(self, rows: Rows, dtype: type = np.float32) -> torch.Tensor:
+        """Pooled features of ``rows``, (B, Dp): float32, or ``np.float16`` as stored (no conversion copy)."""
+        return torch.from_numpy(np.asarray(self._pooled[_as_index(rows)], dtype=dtype))
 
-    def grid(self, rows: Rows) -> torch.Tensor:
-        """Grid features of ``rows`` as float32, (B, N, Dg)."""
-        return torch.from_numpy(np.asarray(self._grid[_as_index(rows)], dtype=np.float32))
+    def grid(self, rows: Rows, dtype: type = np.float32) -> torch.Tensor:
+        """Grid features of ``rows``, (B, N, Dg): float32, or ``np.float16`` as stored (no conversion copy)."""
+        return torch.from_numpy(np.asarray(self._grid[_as_index(rows)], dtype=dtype))
 
     # ---------------------------------------------------------------- building
     @classmethod

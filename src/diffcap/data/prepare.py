@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffcap.config import DataConfig
@@ -150,7 +151,8 @@ class FeatureTable:
     @classmethod
     def from_cache(cls, cache: FeatureCache, keys: list[str]) -> FeatureTable:
         rows = cache.index(keys)
-        return cls(list(keys), cache.pooled(rows).half(), cache.grid(rows).half())
+        # read as stored (float16): a float32 copy of the train grid first would cost 1.5 GB more at peak
+        return cls(list(keys), cache.pooled(rows, np.float16), cache.grid(rows, np.float16))
 
     def batch(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> ImageFeatures:
         return ImageFeatures(self.pooled[rows].float().to(device), self.grid[rows].float().to(device))
