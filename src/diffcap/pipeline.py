@@ -101,7 +101,8 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
     m = config.model
     learned = config.text.embeddings == "learned"
     return DenoiserShape(
-        latent_dim=config.text.embedding_dim if learned else space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim, hidden=hidden, heads=heads,
+        latent_dim=config.text.embedding_dim if learned else space.dim, pooled_dim=pooled_dim, grid_dim=grid_dim,
+        hidden=hidden, heads=heads,
         intermediate=intermediate, layers=m.layers, max_length=config.text.max_length, use_pooled=m.use_pooled,
         grid_pool=m.grid_pool, timestep_embedding=m.timestep_embedding, self_condition=m.self_condition,
         dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
