@@ -230,3 +230,15 @@ def test_collapse_repeats_merges_only_neighbouring_repeats(restricted) -> None:
     ids = restricted.encode(["a dog dog runs on on the grass", "a dog on a dog"])
     assert restricted.decode(ids) == ["a dog dog runs on on the grass", "a dog on a dog"]
     assert restricted.decode(ids, collapse_repeats=True) == ["a dog runs on the grass", "a dog on a dog"]
+
+
+def test_rebuilding_a_space_reads_only_the_embedding_table(restricted) -> None:
+    """Captioning rebuilds the space from a checkpoint without building the backbone transformer (a cold-start
+    lever): the table read from the package's safetensors file is the backbone's own, to the bit."""
+    from diffcap.text.space import load_backbone, load_word_embeddings
+
+    load_backbone.cache_clear()
+    again = TextSpace.from_state("minilm", MAX_LENGTH, SCALE, restricted.state_dict(), fingerprint=restricted.fingerprint)
+    assert load_backbone.cache_info().misses == 0  # no transformer was built
+    assert torch.equal(again.table, restricted.table)
+    assert torch.equal(load_word_embeddings("minilm"), load_backbone("minilm")[1].get_input_embeddings().weight)
