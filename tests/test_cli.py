@@ -106,6 +106,21 @@ def test_evaluate_writes_json(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_pat
     assert [c["image"] for c in result["captions"]] == keys
     assert all(isinstance(c["caption"], str) for c in result["captions"])
     assert result["num_images"] == 4 and result["split"] == "dev" and result["steps"] == 4
+    assert result["solver"] == "ddim"  # the checkpoint's default, recorded with the scores
+
+
+def test_evaluate_solver_flag_reaches_the_sampler(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    from diffcap.diffusion.gaussian import GaussianDiffusion
+
+    used = []
+    step = GaussianDiffusion.dpmpp_2m_step
+    monkeypatch.setattr(GaussianDiffusion, "dpmpp_2m_step", lambda self, *a: used.append(1) or step(self, *a))
+    output = tmp_path / "eval.json"
+    assert main(["evaluate", str(tiny_checkpoint), "--dataset", "jsonl", "--root", str(shapes_jsonl.parent),
+                 "--split", "dev", "--cache-dir", str(tmp_path / "cache"), "--steps", "4", "--solver", "dpmpp_2m",
+                 "--output", str(output)]) == 0
+    assert json.loads(output.read_text())["solver"] == "dpmpp_2m" and used
 
 
 def test_evaluate_refuses_training_images(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path: Path, capsys) -> None:
