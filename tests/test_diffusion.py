@@ -385,3 +385,18 @@ def test_dpmpp_2m_first_step_is_ddim_and_bad_solvers_are_refused(diffusion) -> N
         diffusion.sample(model, (1, 2, 3), 2, solver="euler")
     with pytest.raises(ValueError, match="eta > 0"):
         diffusion.sample(model, (1, 2, 3), 2, solver="dpmpp_2m", eta=1.0)
+
+
+def test_trailing_spacing_spends_no_step_at_t0() -> None:
+    diffusion = GaussianDiffusion.from_schedule("cosine", 1000)
+    assert diffusion.sampling_timesteps(2, "trailing") == [999, 499]
+    assert diffusion.sampling_timesteps(5, "trailing") == [999, 799, 599, 399, 199]
+    assert diffusion.sampling_timesteps(1, "trailing") == [999]
+    assert diffusion.sampling_timesteps(1000, "trailing") == list(range(999, -1, -1))
+    assert diffusion.sampling_timesteps(2) == [999, 0]  # linspace: the second call only sees the clean estimate
+    seen = []
+    model = lambda x_t, t, sc: seen.append(int(t[0])) or torch.zeros_like(x_t)  # noqa: E731
+    diffusion.sample(model, (1, 2, 3), 4, spacing="trailing")
+    assert seen == [999, 749, 499, 249]
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        diffusion.sampling_timesteps(3, "log")

@@ -154,7 +154,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # the sampler settings used: each flag given, or the checkpoint's own default
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
-                             "beam_size", "precision", "time_difference", "eta", "solver")}
+                             "beam_size", "precision", "time_difference", "eta", "solver", "spacing")}
     result = evaluate_records(model, usable, table, **settings)
     result = {
         "metrics": result["metrics"],
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 = deterministic DDIM steps, 1 = DDPM-like fresh noise (default: the checkpoint's)")
     p.add_argument("--solver", choices=["ddim", "dpmpp_2m"], default=None,
                    help="sampler update: DDIM or DPM-Solver++(2M), second order (default: the checkpoint's)")
+    p.add_argument("--spacing", choices=["linspace", "trailing"], default=None,
+                   help="timesteps T-1..0 (linspace) or T-1..T/S-1 (trailing: no step spent at t=0) "
+                        "(default: the checkpoint's)")
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")

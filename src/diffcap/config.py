@@ -121,6 +121,8 @@ class SampleConfig:
     eta: float = 0.0  # 0 = deterministic DDIM update; 1 = DDPM-like fresh noise at every step
     # "ddim", or "dpmpp_2m": DPM-Solver++(2M), second order from the last two x0 estimates (deterministic)
     solver: Literal["ddim", "dpmpp_2m"] = "ddim"
+    # where the S steps sit: "linspace" (T-1 ... 0) or "trailing" (T-1 ... T/S-1: no call wasted at t = 0)
+    spacing: Literal["linspace", "trailing"] = "linspace"
     time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
     collapse_repeats: bool = True  # merge immediate repeats of a word piece when decoding ("dog dog" -> "dog")
     end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early

@@ -245,6 +245,7 @@ def generate(
     candidates: int | None = None,
     precision: str | None = None,
     solver: str | None = None,
+    spacing: str | None = None,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None).
 
@@ -290,7 +291,7 @@ def generate(
         base = s.seed if seed is None else seed
         options = dict(batch=batch, steps=steps, guidance=guidance, clamp=clamp, eta=eta, time_difference=time_difference,
                        collapse_repeats=collapse_repeats, end_penalty=end_penalty, first_index=first_index,
-                       precision=precision, solver=solver)
+                       precision=precision, solver=solver, spacing=spacing)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
         return Generation([row[mbr_select(row)] for row in zip(*per_seed)], [])
     B = len(image) if image is not None else (batch or 1)
@@ -327,6 +328,7 @@ def generate(
         keep_trajectory=keep_trajectory,
         noise=noise,
         solver=s.solver if solver is None else solver,
+        spacing=s.spacing if spacing is None else spacing,
     )
     ids = model.space.round(result.x0, penalty, table)
     trajectory = []

@@ -32,6 +32,7 @@ DenoiseFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.
 Target = Literal["x0", "eps", "x_prev"]
 TARGETS = ("x0", "eps", "x_prev")
 SOLVERS = ("ddim", "dpmpp_2m")
+SPACINGS = ("linspace", "trailing")
 
 
 @dataclass
@@ -132,10 +133,16 @@ class GaussianDiffusion:
         return TrainingPrediction(x_t, output, self.network_target(x0, t, noise), self.to_x0(output, x_t, t))
 
     # -- reverse process ---------------------------------------------------------------------------------
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        """S evenly spaced timesteps from T-1 down to 0."""
+    def sampling_timesteps(self, steps: int, spacing: str = "linspace") -> list[int]:
+        """S timesteps from T-1 down: "linspace" ends at 0; "trailing" (Lin et al. 2024) at T/S - 1, so that no
+        network call is spent at t = 0, where x_t is already the clean estimate and the call only echoes it."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be between 1 and {self.num_timesteps}, got {steps}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+        T = self.num_timesteps
+        if spacing == "trailing":
+            return list(dict.fromkeys(round(T - i * T / steps) - 1 for i in range(steps)))
         if steps == 1:
             return [self.num_timesteps - 1]
         grid = torch.linspace(self.num_timesteps - 1, 0, steps).round().long().tolist()
@@ -158,6 +165,7 @@ class GaussianDiffusion:
         keep_trajectory: bool = False,
         noise: torch.Tensor | None = None,
         solver: str = "ddim",
+        spacing: str = "linspace",
     ) -> SampleResult:
         """Generate from pure noise with S re-noising steps.
 
@@ -166,6 +174,7 @@ class GaussianDiffusion:
         (`solver="ddim"`; eta > 0 adds fresh noise), or by DPM-Solver++(2M) (`"dpmpp_2m"`, Lu et al. 2022), a
         second-order multistep solver of the same ODE in data-prediction form that extrapolates from the last two
         x0 estimates: the same network calls, a smaller error per step, so fewer steps for the same result.
+        `spacing` places the S timesteps (`sampling_timesteps`).
         """
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
@@ -177,7 +186,7 @@ class GaussianDiffusion:
             x = noise.to(device=device, dtype=dtype)
         else:  # drawn on the CPU generator: the same noise on any device
             x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
-        times = self.sampling_timesteps(steps)
+        times = self.sampling_timesteps(steps, spacing)
         result = SampleResult(x0=x)
         x0_hat: torch.Tensor | None = None
         previous: tuple[int, torch.Tensor] | None = None  # (t, x0 estimate) of the step before, for dpmpp_2m
