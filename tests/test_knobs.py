@@ -291,3 +291,13 @@ def test_text_slot_trains_saves_its_memory_and_captions_new_images(tmp_path, sha
     image = ImageFeatures(torch.randn(2, s.pooled_dim), torch.randn(2, 16, s.grid_dim))  # no text: retrieved
     assert len(generate(model, image, steps=2).captions) == 2
     assert len(generate(model, image, steps=2, guidance=1.0).captions) == 2
+    # a checkpoint that lost its memory is refused with a clear error, not a shape mismatch at sampling
+    import json
+
+    from diffcap.checkpoint import CheckpointError, save_checkpoint
+
+    config, meta, _ = load_checkpoint(checkpoint)
+    damaged = {k: v for k, v in tensors.items() if not k.startswith("retrieval.")}
+    save_checkpoint(tmp_path / "damaged", config_json=json.dumps(config), meta=meta, tensors=damaged)
+    with pytest.raises(CheckpointError, match="no memory"):
+        load_model(tmp_path / "damaged")
