@@ -68,7 +68,8 @@ def test_tiny_sweep_runs_each_variant_and_compare_reports_them(tmp_path: Path, s
     (runs[1] / "dev.json").write_text(json.dumps({"metrics": {"BLEU-4": 12.5, "METEOR": 15.0, "CIDEr": 31.0},
                                                   "num_images": 4}))
     table = markdown_table([summarize(r) for r in runs])
-    assert "loss.distance=l1" in table and "loss.distance=mse" in table
+    # each run is described by what it changes against the base; the base is the reference
+    assert "| base | (the reference) |" in table and "| distance=l1 | loss.distance=l1 |" in table
     assert "| 12.5 | 15.0 | 31.0 | 6 |" in table
     elapsed = json.loads((runs[1] / "checkpoint" / "train_state.json").read_text())["elapsed"]
     assert elapsed > 0 and summarize(runs[1]).minutes == elapsed / 60  # the run's own training time

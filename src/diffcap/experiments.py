@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffcap.config import ConfigError, parse_literal, all_keys, load_config
+from diffcap.config import Config, ConfigError, all_keys, load_config, parse_literal
 
 log = logging.getLogger("diffcap")
 
@@ -184,7 +184,12 @@ def summarize(run_dir: Path) -> RunSummary:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no config.json)")
-    config = _flat(json.loads(config_path.read_text()))
+    raw = json.loads(config_path.read_text())
+    try:  # fields added since the run was made read as their defaults, as they do when its checkpoint is loaded
+        raw = json.loads(Config.from_dict(raw).to_json())
+    except ConfigError:
+        pass  # compare what is there
+    config = _flat(raw)
     metrics: dict[str, float] = {}
     source = "none"
     dev = run_dir / "dev.json"
@@ -214,12 +219,19 @@ def varying_keys(runs: list[RunSummary]) -> list[str]:
     return [k for k in keys if k not in skip and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
 
 
+def reference_run(runs: list[RunSummary]) -> RunSummary:
+    """What each run is described against: the run named "base" (as `sweep` names it), else the first."""
+    return next((r for r in runs if r.name == "base"), runs[0])
+
+
 def markdown_table(runs: list[RunSummary]) -> str:
     keys = varying_keys(runs)
-    header = ["run", "differences", *METRICS, "steps", "minutes", "scored on"]
+    ref = reference_run(runs)
+    header = ["run", f"differences to {ref.name}", *METRICS, "steps", "minutes", "scored on"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
-        diffs = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "(identical configs)"
+        changed = [k for k in keys if r.config.get(k) != ref.config.get(k)]
+        diffs = ", ".join(f"{k}={r.config.get(k)}" for k in changed) or ("(the reference)" if r is ref else "(same config)")
         cells = [r.name, diffs, *(f"{r.metrics[m]:.1f}" if m in r.metrics else "–" for m in METRICS),
                  str(r.step) if r.step is not None else "–", f"{r.minutes:.1f}" if r.minutes is not None else "–",
                  r.metrics_source]
