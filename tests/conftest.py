@@ -40,6 +40,23 @@ def _write_caption_dataset(root: Path, rows: list[tuple[str, str | list[str], st
     return path
 
 
+def write_test_only_flickr8k(root: Path, images: list[Path], first_id: int = 1000) -> list[str]:
+    """What an independent evaluator has: ``images`` saved as Flickr8k JPEGs under ``root/Flickr8k_Dataset`` with
+    ``Flickr8k.token.txt`` (5 captions each) and ``Flickr_8k.testImages.txt``, nothing else; returns the names."""
+    from PIL import Image
+
+    (root / "Flickr8k_Dataset").mkdir(parents=True)
+    tokens, names = [], []
+    for i, src in enumerate(images):
+        name = f"{first_id + i}_test.jpg"
+        Image.open(src).convert("RGB").save(root / "Flickr8k_Dataset" / name)
+        names.append(name)
+        tokens += [f"{name}#{k}\ta picture on a background number {k}" for k in range(5)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
+    (root / "Flickr_8k.testImages.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
 @pytest.fixture(scope="session")
 def write_caption_dataset() -> Callable[..., Path]:
     """``write_caption_dataset(root, [(image name, caption or captions, split), ...], draw)`` -> the jsonl path."""

@@ -11,6 +11,8 @@ import pytest
 from diffcap.cli import main
 from diffcap.metrics import METRIC_NAMES
 
+from conftest import write_test_only_flickr8k
+
 FAST = [f"{key}={value}" for key, value in {
     "text.max_length": 12, "model.layers": 1, "train.batch_size": 8, "train.warmup_steps": 2, "train.max_steps": 3,
     "train.save_every": 1000, "data.dataset": "jsonl", "data.eval_split": "",
@@ -218,19 +220,8 @@ def test_error_split_not_available(tiny_checkpoint: Path, tmp_path: Path, capsys
 def test_evaluate_on_a_folder_holding_only_the_test_split(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path: Path,
                                                           capsys) -> None:
     """What an independent evaluator has: images + Flickr8k.token.txt + Flickr_8k.testImages.txt, nothing else."""
-    from PIL import Image
-
     root = tmp_path / "heldout"
-    (root / "Flickr8k_Dataset").mkdir(parents=True)
-    sources = sorted((shapes_jsonl.parent / "images").glob("dev_*.png"))
-    tokens, names = [], []
-    for i, src in enumerate(sources):
-        name = f"{1000 + i}_test.jpg"
-        Image.open(src).convert("RGB").save(root / "Flickr8k_Dataset" / name)
-        names.append(name)
-        tokens += [f"{name}#{k}\ta shape on a background number {k}" for k in range(5)]
-    (root / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
-    (root / "Flickr_8k.testImages.txt").write_text("\n".join(names) + "\n")
+    names = write_test_only_flickr8k(root, sorted((shapes_jsonl.parent / "images").glob("dev_*.png")))
     output = tmp_path / "test.json"
     assert main(["evaluate", str(tiny_checkpoint), "--dataset", "flickr8k", "--root", str(root), "--split", "test",
                  "--cache-dir", str(tmp_path / "cache"), "--output", str(output)]) == 0

@@ -12,6 +12,7 @@ import torch
 from diffcap.app import DEFAULT_CHECKPOINT, EXAMPLES_DIR
 from diffcap.checkpoint import load_checkpoint
 from diffcap.cli import main
+from conftest import write_test_only_flickr8k
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "meta.json").is_file(), reason="no shipped checkpoint")
 
@@ -39,18 +40,8 @@ def test_shipped_checkpoint_captions_the_example_photos(capsys) -> None:
 
 
 def test_shipped_checkpoint_evaluates_a_folder_holding_only_the_test_split(tmp_path: Path) -> None:
-    from PIL import Image
-
     root = tmp_path / "heldout"
-    (root / "Flickr8k_Dataset").mkdir(parents=True)
-    tokens, names = [], []
-    for i, photo in enumerate(sorted(EXAMPLES_DIR.glob("*.jpg"))):
-        name = f"{5000 + i}_photo.jpg"
-        Image.open(photo).convert("RGB").save(root / "Flickr8k_Dataset" / name)
-        names.append(name)
-        tokens += [f"{name}#{k}\ta photo of something number {k}" for k in range(5)]
-    (root / "Flickr8k.token.txt").write_text("\n".join(tokens) + "\n")
-    (root / "Flickr_8k.testImages.txt").write_text("\n".join(names) + "\n")
+    names = write_test_only_flickr8k(root, sorted(EXAMPLES_DIR.glob("*.jpg")), first_id=5000)
     output = tmp_path / "test.json"
     assert main(["evaluate", "--dataset", "flickr8k", "--root", str(root), "--split", "test",
                  "--cache-dir", str(tmp_path / "cache"), "--output", str(output)]) == 0
@@ -58,9 +49,14 @@ def test_shipped_checkpoint_evaluates_a_folder_holding_only_the_test_split(tmp_p
     assert result["split"] == "test" and {c["image"] for c in result["captions"]} == set(names)
 
 
-def test_candidates_flag_reaches_the_sampler(capsys) -> None:
+def test_candidates_flag_reaches_the_sampler(capsys, monkeypatch) -> None:
+    import diffcap.pipeline
+
+    chosen = []
+    select = diffcap.pipeline.mbr_select
+    monkeypatch.setattr(diffcap.pipeline, "mbr_select", lambda row: chosen.append(len(row)) or select(row))
     photo = str(sorted(EXAMPLES_DIR.glob("*.jpg"))[0])
     assert main(["caption", photo, "--candidates", "3"]) == 0
-    assert len(capsys.readouterr().out.split()) >= 2
+    assert chosen == [3] and len(capsys.readouterr().out.split()) >= 2  # one choice among 3 samples
     assert main(["caption", photo, "--candidates", "3", "--trajectory"]) == 2
     assert "leave out --candidates" in capsys.readouterr().err
