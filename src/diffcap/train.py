@@ -22,6 +22,7 @@ TensorBoard events to RUN_DIR/tb, periodic dev scores to RUN_DIR/evals.jsonl.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -135,6 +136,38 @@ def check_resumable(ckpt_dir: Path, meta: dict[str, Any], tensors: dict[str, tor
         )
 
 
+def start_from(model: CaptionModel, checkpoint: Path, encoder_identity: dict[str, Any]) -> CaptionModel:
+    """`model` (freshly built from the config) with the weights (EMA) and vocabulary of `checkpoint` instead:
+    the start of a fine-tuning run. The config's model and text settings must give the checkpoint's shape."""
+    from diffcap.pipeline import load_model
+
+    base, meta = load_model(checkpoint)
+    stored = meta.get("encoder")
+    if stored is not None and stored != json.loads(json.dumps(encoder_identity)):
+        raise CheckpointError(f"train.init_from: {checkpoint} was trained on the features of another image encoder "
+                              f"or preprocessing ({stored.get('name')}); use its encoder.name")
+    if base.config.model.kind != model.config.model.kind:
+        raise CheckpointError(f"train.init_from: {checkpoint} is a {base.config.model.kind} model, this config a "
+                              f"{model.config.model.kind} one (model.kind)")
+    # the vocabulary comes from the checkpoint; dropout may change for fine-tuning; everything else must match
+    shape = dataclasses.replace(model.denoiser.shape, vocab_size=base.denoiser.shape.vocab_size)
+    ours, theirs = dataclasses.asdict(shape), dataclasses.asdict(base.denoiser.shape)
+    fields = [f"{k}: checkpoint {theirs[k]!r}, this config {ours[k]!r}" for k in ours
+              if k != "dropout" and ours[k] != theirs[k]]
+    if fields:
+        raise CheckpointError(f"train.init_from: {checkpoint} has another model shape ({'; '.join(fields)}); "
+                              "use its model.* settings")
+    ours, theirs = dataclasses.asdict(model.config.text), dataclasses.asdict(base.config.text)
+    if ours != theirs:
+        fields = [f"text.{k}: checkpoint {theirs[k]!r}, this config {ours[k]!r}" for k in ours if ours[k] != theirs[k]]
+        raise CheckpointError(f"train.init_from: {checkpoint} uses another text space ({'; '.join(fields)}); "
+                              "use its text.* settings")
+    log.info("starting from the weights and vocabulary of %s", checkpoint)
+    denoiser = type(model.denoiser)(shape)
+    denoiser.load_state_dict({k: v.float() for k, v in base.denoiser.state_dict().items()})
+    return dataclasses.replace(model, space=base.space, denoiser=denoiser)
+
+
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -244,9 +277,16 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     encoder_identity = load_encoder(config.encoder.name).identity()
     captions = [c for r in train_records for c in r.captions]
     model = build_model(config, train_table.pooled.shape[1], train_table.grid.shape[2], captions=captions)
+    if tr.init_from and not resume:  # (a resumed run holds its own weights)
+        model = start_from(model, Path(tr.init_from), encoder_identity)
     model.train_image_hashes = image_key_hashes(r.key for r in train_records)
     rows = torch.tensor([i for i, r in enumerate(train_records) for _ in r.captions])
     data = TrainData(train_table, rows, model.space.encode(captions))
+    if tr.init_from:
+        unknown = int((data.ids == model.space.unk_index).sum())
+        if unknown:
+            log.warning("%d word pieces of the training captions are outside the vocabulary of %s: trained as "
+                        "[UNK]", unknown, tr.init_from)
     if config.model.text_slot == "retrieved":  # every process builds the same memory
         model.memory = RetrievalMemory.build(config.text.backbone, train_table.pooled,
                                              [r.captions for r in train_records],
