@@ -34,6 +34,7 @@ def test_levers_are_timed_off_and_on(tmp_path: Path, capsys) -> None:
     settings = {(r["lever"], r["setting"]) for r in levers}
     assert {("precision", "fp32"), ("precision", "bf16"), ("image condition", "every step"),
             ("image condition", "once per call"), ("training precision", "fp32"),
-            ("training precision", "bf16")} <= settings
+            ("training precision", "bf16"), ("training: rounding head", "fp32"),
+            ("training: rounding head", "train")} <= settings
     assert all(r.get("captions_per_s", r.get("samples_per_s", 0)) > 0 for r in levers)
     assert "levers (one at a time)" in capsys.readouterr().out

@@ -96,6 +96,21 @@ def test_l1_and_mse_differ() -> None:
     assert out["mse"] != pytest.approx(out["l1"])
 
 
+def test_rounding_head_runs_in_the_training_precision_unless_asked_for_fp32() -> None:
+    """Same network pass (bf16 autocast), same t and noise: only the head's matmul precision differs."""
+    out = {}
+    for precision in ("fp32", "train"):
+        model = _model(f"loss.rounding_precision={precision}")
+        ids, image, keep = _batch(model)
+        model.denoiser.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(1)
+            losses = training_losses(model, model.denoiser, ids, image, keep, False)
+        assert losses["rounding"].dtype == torch.float32  # the softmax is fp32 either way
+        out[precision] = losses["rounding"].item()
+    assert out["train"] != out["fp32"] and out["train"] == pytest.approx(out["fp32"], rel=0.05)
+
+
 def test_samples_per_caption_multiplies_the_batch() -> None:
     model = _model("train.samples_per_caption=3")
     ids, image, keep = _batch(model)

@@ -20,6 +20,7 @@ tiny models on generated images in seconds: what the CI test runs to keep the su
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -350,6 +351,17 @@ def run(args: argparse.Namespace) -> Results:
         for t in (fp32, results.training):
             results.levers.append({"lever": "training precision", "setting": t["precision"], "batch": t["batch"],
                                    "samples_per_s": t["samples_per_s"], "fraction_of_ceiling": t["fraction_of_ceiling"]})
+        # the rounding head (x0 estimate @ word table, V x D) in fp32 or in the training precision (bf16)
+        for setting in ("fp32", "train"):
+            row = results.training
+            if setting != diffusion.config.loss.rounding_precision:
+                variant = dataclasses.replace(diffusion, config=dataclasses.replace(
+                    diffusion.config, loss=dataclasses.replace(diffusion.config.loss, rounding_precision=setting)))
+                row = bench_training(variant, device, results.ceiling, batch=results.training["batch"],
+                                     repeats=repeats, epoch_captions=None)
+            results.levers.append({"lever": "training: rounding head", "setting": setting, "batch": row["batch"],
+                                   "samples_per_s": row["samples_per_s"],
+                                   "fraction_of_ceiling": row["fraction_of_ceiling"]})
     if not args.no_features:
         results.features = bench_features(diffusion.config.encoder.name, device, batch=4 if args.tiny else 32,
                                           repeats=repeats)

@@ -3,6 +3,8 @@ cross-entropy of the tokens from the x0 estimate; or the autoregressive baseline
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -62,16 +64,27 @@ def caption_losses(
     sources = {"x_t": [pred], "x_1": [pred_1], "both": [pred, pred_1]}[config.rounding_on]
     if any(p is None for p in sources):
         raise ValueError(f"loss.rounding_on={config.rounding_on!r} needs the x_1 pass")
+    # the rounding head in the training precision (bf16 under autocast: a third of a step's FLOPs) or fp32;
+    # the softmax and cross-entropy in fp32 either way
+    head = contextlib.nullcontext() if config.rounding_precision == "train" \
+        else torch.autocast(device_type=ids.device.type, enabled=False)
     rounding = torch.zeros((), device=ids.device)
+    first_logits: torch.Tensor | None = None  # those of `pred`, reused for the accuracy
     for p in sources:
         assert p is not None
-        logits = space.logits(p.x0_hat.float(), table)  # (B, L, V)
+        with head:
+            logits = space.logits(p.x0_hat if config.rounding_precision == "train" else p.x0_hat.float(), table)
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
         rounding = rounding + reduce(ce, config.reduction)
+        if p is pred:
+            first_logits = logits
     terms["rounding"] = rounding
     total = total + weight * rounding
     with torch.no_grad():
-        accuracy = (space.logits(pred.x0_hat.float(), table).argmax(-1) == ids).float().mean()
+        if first_logits is None:
+            with head:
+                first_logits = space.logits(pred.x0_hat.detach(), table)
+        accuracy = (first_logits.argmax(-1) == ids).float().mean()
     return {"loss": total, **terms, "token_accuracy": accuracy}
 
 

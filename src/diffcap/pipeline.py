@@ -199,10 +199,8 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
     pred_1 = None
     if lc.x_1_weight > 0 or lc.rounding_on != "x_t":  # the least noisy level, t = 0 (x_1 in 1-based terms)
         pred_1 = model.diffusion.training_prediction(fn, x0, torch.zeros_like(t), torch.randn_like(x0), False)
-    with torch.autocast(device_type=ids.device.type, enabled=False):  # distances and rounding logits in fp32
-        return caption_losses(pred, ids, model.space, lc, pred_1=pred_1,
-                              latent_target=model.diffusion.target != "eps", rounding_weight=rounding_weight,
-                              table=table)
+    return caption_losses(pred, ids, model.space, lc, pred_1=pred_1, latent_target=model.diffusion.target != "eps",
+                          rounding_weight=rounding_weight, table=table)
 
 
 def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:

@@ -209,10 +209,12 @@ class TextSpace(nn.Module):
 
     # -- latents -> tokens -------------------------------------------------------------------------------
     def logits(self, latents: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, D) -> (B, L, V): -||x - e_v||^2 / 2 without the per-position ||x||^2 term."""
-        table = (self.table if table is None else table).to(latents.dtype)
-        half_sq_norm = 0.5 * (table * table).sum(-1)  # (V,)
-        return latents @ table.T - half_sq_norm
+        """(B, L, D) -> (B, L, V) fp32: -||x - e_v||^2 / 2 without the per-position ||x||^2 term.
+
+        The product runs in the latents' dtype (or autocast's); the norms and the result are fp32."""
+        table = self.table if table is None else table
+        half_sq_norm = 0.5 * table.float().square().sum(-1)  # (V,)
+        return (latents @ table.to(latents.dtype).T).float() - half_sq_norm
 
     def round(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None) -> torch.Tensor:
         """Nearest word piece at each position: (B, L, D) -> (B, L).
