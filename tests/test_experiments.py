@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from diffcap.config import ConfigError
-from diffcap.experiments import compare, expand, markdown_table, parse_grid, summarize, sweep
+from diffcap.experiments import (compare, expand, line_style, markdown_table, parse_grid, run_labels, summarize,
+                                 sweep)
 
 
 def test_grid_expands_to_the_product_named_by_differences() -> None:
@@ -76,3 +77,14 @@ def test_tiny_sweep_runs_each_variant_and_compare_reports_them(tmp_path: Path, s
     page = compare(runs, tmp_path / "cmp")
     assert (tmp_path / "cmp" / "losses.png").stat().st_size > 1000
     assert "losses.png" in page.read_text()
+
+
+def test_runs_sharing_a_folder_name_are_labelled_by_their_path(tmp_path: Path) -> None:
+    runs = [tmp_path / "abl" / "base", tmp_path / "abl" / "lr=0.001", tmp_path / "abl" / "other" / "base"]
+    assert run_labels(runs) == ["base", "lr=0.001", "other/base"]
+    assert run_labels(runs[:2]) == ["base", "lr=0.001"]
+
+
+def test_line_styles_stay_distinct_beyond_ten_runs() -> None:
+    styles = [tuple(sorted(line_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40

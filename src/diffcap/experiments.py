@@ -15,10 +15,11 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,33 @@ def markdown_table(runs: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def line_style(index: int) -> dict[str, Any]:
+    """Run `index`'s colour and dash: 10 colours, then the same colours dashed, dotted, dash-dotted, so up to 40
+    runs stay distinguishable in one panel."""
+    return {"color": f"C{index % 10}", "linestyle": ("-", "--", ":", "-.")[(index // 10) % 4]}
+
+
+def legend_beside(fig: Any, names: list[str]) -> None:
+    """One legend for the whole figure, right of the panels (a legend inside a panel hides the curves)."""
+    handles: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    ordered = [n for n in names if n in handles]
+    fig.legend([handles[n] for n in ordered], ordered, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+               ncol=1 + len(ordered) // 30, frameon=False)
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, or where two share one (runs/a/base, runs/b/base), its path below their common
+    parent."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    parent = Path(os.path.commonpath([Path(d).resolve() for d in run_dirs]))
+    return [str(Path(d).resolve().relative_to(parent)) for d in run_dirs]
+
+
 def plot_runs(run_dirs: list[Path], names: list[str], out: Path) -> list[Path]:
     """losses.png (every logged loss term, one panel each, one line per run) and dev_cider.png."""
     from diffcap.report import _figure, _smooth, read_evals, read_scalars
@@ -253,30 +281,30 @@ def plot_runs(run_dirs: list[Path], names: list[str], out: Path) -> list[Path]:
         fig = _figure(4.2 * cols, 3.0 * rows)
         for i, tag in enumerate(tags):
             ax = fig.add_subplot(rows, cols, i + 1)
-            for name, s in zip(names, scalars):
+            for j, (name, s) in enumerate(zip(names, scalars)):
                 if tag in s:
                     steps, values = zip(*s[tag])
-                    ax.plot(steps, _smooth(values, 0.8), label=name, linewidth=1.2)
+                    ax.plot(steps, _smooth(values, 0.8), label=name, linewidth=1.2, **line_style(j))
             ax.set_title(tag.removeprefix("train/"))
             ax.set_xlabel("step")
             if tag != "train/token_accuracy" and all(v > 0 for s in scalars for _, v in s.get(tag, [])):
                 ax.set_yscale("log")
-        fig.axes[0].legend(fontsize=7)
-        fig.savefig(out / "losses.png")
+        legend_beside(fig, names)
+        fig.savefig(out / "losses.png", bbox_inches="tight")
         written.append(out / "losses.png")
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     plotted = False
-    for name, d in zip(names, run_dirs):
+    for j, (name, d) in enumerate(zip(names, run_dirs)):
         rows_ = [r for r in read_evals(Path(d) / "evals.jsonl") if "CIDEr" in r]
         if rows_:
-            ax.plot([r["step"] for r in rows_], [r["CIDEr"] for r in rows_], marker="o", label=name)
+            ax.plot([r["step"] for r in rows_], [r["CIDEr"] for r in rows_], marker="o", label=name, **line_style(j))
             plotted = True
     if plotted:
         ax.set_xlabel("step")
         ax.set_ylabel("dev CIDEr (training's periodic evaluation)")
-        ax.legend(fontsize=7)
-        fig.savefig(out / "dev_cider.png")
+        legend_beside(fig, names)
+        fig.savefig(out / "dev_cider.png", bbox_inches="tight")
         written.append(out / "dev_cider.png")
     return written
 
@@ -285,7 +313,7 @@ def compare(run_dirs: list[Path], out: Path) -> Path:
     """Write OUT/compare.md (table + figure links) and the PNGs; return the Markdown path."""
     if not run_dirs:
         raise ValueError("compare needs at least one run directory")
-    runs = [summarize(d) for d in run_dirs]
+    runs = [replace(summarize(d), name=label) for d, label in zip(run_dirs, run_labels(run_dirs))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = plot_runs(run_dirs, [r.name for r in runs], out)
