@@ -226,6 +226,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill_data(args: argparse.Namespace) -> int:
+    from diffcap.config import DataConfig
+    from diffcap.data.distill import image_root, read_teacher_captions, teacher_rows, write_jsonl
+    from diffcap.data.prepare import split_records
+
+    data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
+                      annotations=str(args.annotations or ""))
+    train, evaluation = split_records(data, args.train_split), split_records(data, args.eval_split)
+    rows = teacher_rows(train, read_teacher_captions(args.teacher), evaluation, train_split=args.train_split,
+                        eval_split=args.eval_split, keep_references=args.keep_references)
+    out = write_jsonl(rows, args.out)
+    print(f"wrote {out}: {len(train)} training images with the teacher's captions, {len(evaluation)} "
+          f"{args.eval_split} images with their references. Train on it with:\n"
+          f"  data.dataset=jsonl data.root={out} data.image_root={image_root(train + evaluation).resolve()}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from diffcap.experiments import sweep
 
@@ -344,6 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path)
     p.add_argument("--fp32", action="store_true", help="keep the weights in fp32")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("distill-data", help="a jsonl dataset whose training captions are a teacher's (sequence-level "
+                                            "distillation; see diffcap/data/distill.py)")
+    p.add_argument("teacher", type=Path, help="the teacher's captions of the training split: an `evaluate --output` file")
+    _add_dataset_args(p)
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", default="dev", help="kept with its own references")
+    p.add_argument("--keep-references", action="store_true", help="train on the references too, after the teacher's")
+    p.add_argument("--out", type=Path, required=True, help="the jsonl to write")
+    p.set_defaults(func=cmd_distill_data)
 
     p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
     p.add_argument("config", help="base preset name or JSON file")
