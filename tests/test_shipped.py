@@ -26,7 +26,10 @@ def test_shipped_checkpoint_is_small_fp16_and_holds_no_training_state() -> None:
     weights = [v for k, v in tensors.items() if k.startswith("denoiser.") and v.is_floating_point()]
     assert weights and all(v.dtype == torch.float16 for v in weights)
     assert not any(k.startswith("text.table") for k in tensors)  # the word table comes from the text package
-    assert config["data"]["dataset"] == "flickr8k" and meta["weights_dtype"] == "float16"
+    assert meta["weights_dtype"] == "float16"
+    # trained on the 6,000 Flickr8k training images (under the teacher's captions): their fingerprints are inside,
+    # so `evaluate` refuses to score any of them
+    assert config["data"]["train_split"] == "train" and len(tensors["data.train_image_hashes"]) == 6000
 
 
 def test_shipped_checkpoint_captions_the_example_photos(capsys) -> None:
