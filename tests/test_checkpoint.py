@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -380,3 +381,13 @@ def test_no_user_file_is_ever_unpickled() -> None:
                 offenders.append(f"{path.name}: {match.group(0)}")
         offenders += [f"{path.name}: pickle" for _ in re.finditer(r"\bpickle\.(load|loads|Unpickler)\b", text)]
     assert not offenders, offenders
+
+
+def test_text_files_are_written_whole_with_the_umasks_permissions(tmp_path) -> None:
+    from diffcap.checkpoint import write_text_atomic
+
+    path = write_text_atomic(tmp_path / "sub" / "out.json", "{}")
+    assert path.read_text() == "{}" and list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from diffcap.checkpoint import write_text_atomic
 from diffcap.models.denoiser import ImageFeatures
 from diffcap.pipeline import CaptionModel, build_model, generate, load_model, training_losses
 
@@ -439,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(format_table(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False, suffix=".tmp") as f:
-            json.dump(results.to_dict(), f, indent=2)
-        os.replace(f.name, args.out)
+        write_text_atomic(args.out, json.dumps(results.to_dict(), indent=2))
         print(f"wrote {args.out}")
     return 0
 

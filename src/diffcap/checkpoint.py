@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,18 @@ def _file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a text file so that a kill leaves the old file or the new one, never half of one; with the
+    permissions a plain `open(path, "w")` would give (a temporary file would be 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.chmod(f.name, _file_mode())
+    os.replace(f.name, path)
+    return path
 
 
 def save_checkpoint(

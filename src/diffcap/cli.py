@@ -174,8 +174,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     print(format_table(MetricReport(result["metrics"], result["unavailable"])))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+        from diffcap.checkpoint import write_text_atomic
+
+        write_text_atomic(args.output, json.dumps(result, indent=2))
         print(f"wrote {args.output}")
     return 0
 

@@ -13,12 +13,11 @@ a jsonl dataset. Image keys stay the dataset's, so the feature cache and the lea
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from diffcap.checkpoint import write_text_atomic
 from diffcap.data.datasets import DatasetError, ImageRecord
 
 
@@ -65,9 +64,4 @@ def image_root(records: list[ImageRecord]) -> Path:
 
 def write_jsonl(rows: list[dict[str, Any]], out: Path) -> Path:
     """Write `rows` as JSON Lines, atomically (a killed run leaves the old file or none, never half a file)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(f.name, out)
-    return out
+    return write_text_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in rows))
