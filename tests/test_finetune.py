@@ -61,3 +61,15 @@ def test_fine_tuning_from_a_missing_checkpoint_says_so(tmp_path, shapes_jsonl, t
     config = tiny_config(shapes_jsonl, train__init_from=str(tmp_path / "nowhere"), train__max_steps=1)
     with pytest.raises(CheckpointError, match="nowhere"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_a_fine_tuning_run_resumes_in_the_checkpoints_vocabulary(tmp_path, shapes_jsonl, tiny_config,
+                                                                 tiny_checkpoint) -> None:
+    jsonl = _other_captions(shapes_jsonl, tmp_path / "zebra.jsonl")
+    config = tiny_config(jsonl, data__image_root=str(shapes_jsonl.parent), train__init_from=str(tiny_checkpoint),
+                         train__max_steps=2)
+    train(config, tmp_path / "run", progress=False)
+    config.train.max_steps = 3
+    resumed, _ = load_model(train(config, tmp_path / "run", resume=True, progress=False))
+    assert json.loads((tmp_path / "run" / "checkpoint" / "meta.json").read_text())["step"] == 3
+    assert torch.equal(resumed.space.vocab_ids, load_model(tiny_checkpoint)[0].space.vocab_ids)

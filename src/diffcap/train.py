@@ -145,7 +145,7 @@ def start_from(model: CaptionModel, checkpoint: Path, encoder_identity: dict[str
     stored = meta.get("encoder")
     if stored is not None and stored != json.loads(json.dumps(encoder_identity)):
         raise CheckpointError(f"train.init_from: {checkpoint} was trained on the features of another image encoder "
-                              f"or preprocessing ({stored.get('name')}); use its encoder.name")
+                              f"or preprocessing ({stored.get('encoder')}); use its encoder.name")
     if base.config.model.kind != model.config.model.kind:
         raise CheckpointError(f"train.init_from: {checkpoint} is a {base.config.model.kind} model, this config a "
                               f"{model.config.model.kind} one (model.kind)")
@@ -277,7 +277,7 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
     encoder_identity = load_encoder(config.encoder.name).identity()
     captions = [c for r in train_records for c in r.captions]
     model = build_model(config, train_table.pooled.shape[1], train_table.grid.shape[2], captions=captions)
-    if tr.init_from and not resume:  # (a resumed run holds its own weights)
+    if tr.init_from:  # its vocabulary; when resuming, the weights are then replaced by the run's own
         model = start_from(model, Path(tr.init_from), encoder_identity)
     model.train_image_hashes = image_key_hashes(r.key for r in train_records)
     rows = torch.tensor([i for i, r in enumerate(train_records) for _ in r.captions])
