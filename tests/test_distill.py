@@ -29,6 +29,9 @@ def test_rows_hold_the_teacher_caption_for_training_and_references_for_evaluatio
     both = teacher_rows(train, teacher, dev, keep_references=True)
     assert both[1]["caption"] == ["teacher train_1.jpg", "ref one 1", "ref two 1"]
     assert image_root(train + dev) == tmp_path
+    elsewhere = ImageRecord("x.jpg", tmp_path / "other" / "y.jpg", ("a caption",))  # key is not its path's tail
+    with pytest.raises(DatasetError, match="one folder"):
+        image_root(train + [elsewhere])
 
 
 def test_a_training_image_without_a_teacher_caption_is_named(tmp_path) -> None:

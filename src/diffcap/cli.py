@@ -237,10 +237,11 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     train, evaluation = split_records(data, args.train_split), split_records(data, args.eval_split)
     rows = teacher_rows(train, read_teacher_captions(args.teacher), evaluation, train_split=args.train_split,
                         eval_split=args.eval_split, keep_references=args.keep_references)
+    folder = image_root(train + evaluation).resolve()
     out = write_jsonl(rows, args.out)
     print(f"wrote {out}: {len(train)} training images with the teacher's captions, {len(evaluation)} "
           f"{args.eval_split} images with their references. Train on it with:\n"
-          f"  data.dataset=jsonl data.root={out} data.image_root={image_root(train + evaluation).resolve()}")
+          f"  data.dataset=jsonl data.root={out} data.image_root={folder}")
     return 0
 
 

@@ -55,8 +55,8 @@ def teacher_rows(train: list[ImageRecord], teacher: Mapping[str, str], evaluatio
 
 def image_root(records: list[ImageRecord]) -> Path:
     """The folder that the records' keys are relative to (the jsonl's data.image_root)."""
-    roots = {Path(str(r.path)[: -len(r.key)]) for r in records if str(r.path).endswith(r.key)}
-    if len(roots) != 1 or len(records) == 0:
+    roots = {Path(str(r.path)[: -len(r.key)]) if str(r.path).endswith(r.key) else None for r in records}
+    if len(roots) != 1 or None in roots:
         raise DatasetError("the images do not share one folder that their keys are relative to; "
                            "write the jsonl by hand with image paths relative to one folder")
     return roots.pop()
