@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from diffcap.checkpoint import write_text_atomic
+from diffcap.config import LossConfig
 from diffcap.models.denoiser import ImageFeatures
 from diffcap.pipeline import CaptionModel, build_model, generate, load_model, training_losses
 
@@ -47,8 +48,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+def timeit(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup: int = 1,
+           reduce: Callable[[list[float]], float] = statistics.median) -> float:
+    """Median (or `reduce`) of the seconds of `fn` over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -58,7 +60,7 @@ def timeit(fn: Callable[[], Any], device: torch.device, *, repeats: int, warmup:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return reduce(times)
 
 
 # -- the ceiling -----------------------------------------------------------------------------------------------
@@ -74,9 +76,11 @@ def model_matmuls(model: CaptionModel, rows: int) -> dict[str, tuple[int, int, i
 
 
 def matmul_ceiling(shapes: dict[str, tuple[int, int, int]], device: torch.device, *,
-                   repeats: int = 5) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+                   repeats: int = 10) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """The machine's ceiling per precision: the best matmul GFLOP/s over the model's shapes, and every shape's
-    figure. (One shape alone understates it: a sampler can beat the feed-forward shape's rate on the others.)"""
+    figure. (One shape alone understates it: a sampler can beat the feed-forward shape's rate on the others.)
+    Each shape's figure is its fastest run, not the median: a ceiling is what the machine can do, and on a shared
+    machine a disturbed median once halved it (BENCHMARKS.md), which doubled every fraction."""
     per_shape: dict[str, dict[str, float]] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         per_shape[name] = {}
@@ -88,7 +92,7 @@ def matmul_ceiling(shapes: dict[str, tuple[int, int, int]], device: torch.device
                 for _ in range(4):
                     a @ b
 
-            seconds = timeit(run, device, repeats=repeats, warmup=2)
+            seconds = timeit(run, device, repeats=repeats, warmup=2, reduce=min)
             per_shape[name][label] = 4 * 2 * m * k * n / seconds / 1e9
     return {name: max(figures.values()) for name, figures in per_shape.items()}, per_shape
 
@@ -194,7 +198,8 @@ def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str,
     net.eval()
     out = {"batch": batch, "precision": precision, "samples_per_s": samples / seconds, "seconds_per_step": seconds,
            "gflops": flops / seconds / 1e9, "fraction_of_ceiling": flops / seconds / 1e9 / ceiling[precision],
-           "note": f"one AdamW step, {precision}, without self-conditioning's extra no-grad pass"}
+           "note": f"one AdamW step, {precision}, rounding head in {model.config.loss.rounding_precision} precision, "
+                   "without self-conditioning's extra no-grad pass"}
     if epoch_captions:
         out["minutes_per_epoch"] = epoch_captions / (samples / seconds) / 60
     return out
@@ -321,7 +326,7 @@ def run(args: argparse.Namespace) -> Results:
     s = diffusion.denoiser.shape
     rows = batches[-1] * (s.prefix_length + s.max_length)
     results.ceiling, results.ceiling_shapes = matmul_ceiling(model_matmuls(diffusion, rows), device,
-                                                             repeats=3 if args.tiny else 5)
+                                                             repeats=3 if args.tiny else 10)
     precision = args.precision
     guidances = (0.0, args.guidance) if args.guidance > 0 else (0.0,)
     results.sampling = bench_sampling(diffusion, device, results.ceiling, steps=steps, batches=batches,
@@ -343,10 +348,13 @@ def run(args: argparse.Namespace) -> Results:
     if args.levers:
         results.levers = bench_levers(diffusion, device, steps=args.matched_steps if not args.tiny else 2,
                                       batches=batches, repeats=repeats, compile_=not args.no_compile)
-    results.training = bench_training(diffusion, device, results.ceiling, batch=batches[-1] if args.tiny else 64,
+    # training is timed with today's default loss settings (the target is the default config's throughput), not
+    # the ones recorded in the checkpoint, which may predate a faster default
+    trainee = dataclasses.replace(diffusion, config=dataclasses.replace(diffusion.config, loss=LossConfig()))
+    results.training = bench_training(trainee, device, results.ceiling, batch=batches[-1] if args.tiny else 64,
                                       repeats=repeats, epoch_captions=None if args.tiny else args.epoch_captions)
     if args.levers:
-        fp32 = bench_training(diffusion, device, results.ceiling, batch=results.training["batch"], repeats=repeats,
+        fp32 = bench_training(trainee, device, results.ceiling, batch=results.training["batch"], repeats=repeats,
                               epoch_captions=None, precision="fp32")
         for t in (fp32, results.training):
             results.levers.append({"lever": "training precision", "setting": t["precision"], "batch": t["batch"],
@@ -354,9 +362,9 @@ def run(args: argparse.Namespace) -> Results:
         # the rounding head (x0 estimate @ word table, V x D) in fp32 or in the training precision (bf16)
         for setting in ("fp32", "train"):
             row = results.training
-            if setting != diffusion.config.loss.rounding_precision:
-                variant = dataclasses.replace(diffusion, config=dataclasses.replace(
-                    diffusion.config, loss=dataclasses.replace(diffusion.config.loss, rounding_precision=setting)))
+            if setting != trainee.config.loss.rounding_precision:
+                variant = dataclasses.replace(trainee, config=dataclasses.replace(
+                    trainee.config, loss=dataclasses.replace(trainee.config.loss, rounding_precision=setting)))
                 row = bench_training(variant, device, results.ceiling, batch=results.training["batch"],
                                      repeats=repeats, epoch_captions=None)
             results.levers.append({"lever": "training: rounding head", "setting": setting, "batch": row["batch"],

@@ -107,7 +107,7 @@ class LossConfig:
     # "series sum"); "series_sum_sample_mean": summed over positions, averaged over captions
     reduction: Literal["mean", "series_sum", "series_sum_sample_mean"] = "mean"
     # the rounding head's matmul (x0 estimate @ word table): "train" = in train.precision (bf16 autocast by
-    # default: 1.26x faster training steps, dev scores within seed noise; BENCHMARKS.md), "fp32" = always fp32
+    # default: 1.1-1.3x faster training steps, dev scores within seed noise; BENCHMARKS.md), "fp32" = always fp32
     rounding_precision: Literal["train", "fp32"] = "train"
     # > 0: "dynamic" rounding weight, reset every step to C * (running sum of the distance terms) /
     # (running sum of the rounding term) over the epoch, C = this value; 0 = the constant rounding_weight
