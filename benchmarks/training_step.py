@@ -1,0 +1,69 @@
+"""Time one batch-64 training step with the rounding head in fp32 and in the training precision (bf16), in
+alternating rounds so both see the same machine noise; optionally profile the bf16 step.
+
+    python benchmarks/training_step.py [--checkpoint DIR] [--rounds 5] [--repeats 5] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+
+import torch
+
+from diffcap.app import DEFAULT_CHECKPOINT
+from diffcap.bench import bench_training, fake_features, matmul_ceiling, model_matmuls
+from diffcap.config import LossConfig
+from diffcap.pipeline import load_model, training_losses
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's table for 3 bf16 steps")
+    args = p.parse_args()
+    device = torch.device("cpu")
+    model, _ = load_model(args.checkpoint)
+    model.denoiser.float()
+    s = model.denoiser.shape
+    shapes = model_matmuls(model, 64 * (s.prefix_length + s.max_length))
+    ceiling, _ = matmul_ceiling(shapes, device)
+    print("ceiling before (GFLOP/s):", {k: round(v) for k, v in ceiling.items()})
+    variants = {rp: dataclasses.replace(model, config=dataclasses.replace(model.config, loss=LossConfig(rounding_precision=rp)))
+                for rp in ("fp32", "train")}
+    runs: dict[str, list[dict]] = {rp: [] for rp in variants}
+    for _ in range(args.rounds):
+        for rp, variant in variants.items():
+            runs[rp].append(bench_training(variant, device, ceiling, batch=64, repeats=args.repeats, epoch_captions=None))
+    print("ceiling after (GFLOP/s):", {k: round(v) for k, v in matmul_ceiling(shapes, device)[0].items()})
+    for rp, rows in runs.items():
+        speeds = [r["samples_per_s"] for r in rows]
+        fraction = statistics.median(r["fraction_of_ceiling"] for r in rows)
+        print(f"rounding head {rp:5}: samples/s per round {[round(v) for v in speeds]}, median "
+              f"{statistics.median(speeds):.1f} = {fraction:.0%} of the bf16 ceiling")
+    if args.profile:
+        net, variant = variants["train"].denoiser.train(), variants["train"]
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        ids = torch.randint(0, model.space.vocab_size, (64, s.max_length))
+        image, keep = fake_features(model, 64), torch.ones(64, dtype=torch.bool)
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = training_losses(variant, net, ids, image, keep, self_condition=False)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(3):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
