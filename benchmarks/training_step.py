@@ -1,5 +1,7 @@
-"""Time one batch-64 training step with the rounding head in fp32 and in the training precision (bf16), in
-alternating rounds so both see the same machine noise; optionally profile the bf16 step.
+"""Time one batch-64 training step in three settings, in alternating rounds so all see the same machine noise:
+the rounding head in fp32 with PyTorch's dropout and SDPA; the head in the training precision (bf16), same ops;
+the bf16 head with models/ops.py's packed dropout masks and explicit attention (today's default). Optionally
+profile today's step.
 
     python benchmarks/training_step.py [--checkpoint DIR] [--rounds 5] [--repeats 5] [--profile]
 """
@@ -7,13 +9,15 @@ alternating rounds so both see the same machine noise; optionally profile the bf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import statistics
 
 import torch
 
 from diffcap.app import DEFAULT_CHECKPOINT
-from diffcap.bench import bench_training, fake_features, matmul_ceiling, model_matmuls
+from diffcap.bench import (bench_training, fake_features, matmul_ceiling, model_matmuls,
+                           pytorch_dropout_and_attention)
 from diffcap.config import LossConfig
 from diffcap.pipeline import load_model, training_losses
 
@@ -32,20 +36,24 @@ def main() -> None:
     shapes = model_matmuls(model, 64 * (s.prefix_length + s.max_length))
     ceiling, _ = matmul_ceiling(shapes, device)
     print("ceiling before (GFLOP/s):", {k: round(v) for k, v in ceiling.items()})
-    variants = {rp: dataclasses.replace(model, config=dataclasses.replace(model.config, loss=LossConfig(rounding_precision=rp)))
-                for rp in ("fp32", "train")}
-    runs: dict[str, list[dict]] = {rp: [] for rp in variants}
+    heads = {rp: dataclasses.replace(model, config=dataclasses.replace(model.config, loss=LossConfig(rounding_precision=rp)))
+             for rp in ("fp32", "train")}
+    variants = {"fp32 head, pytorch ops": (heads["fp32"], True), "bf16 head, pytorch ops": (heads["train"], True),
+                "bf16 head, diffcap ops": (heads["train"], False)}
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for rp, variant in variants.items():
-            runs[rp].append(bench_training(variant, device, ceiling, batch=64, repeats=args.repeats, epoch_captions=None))
+        for name, (variant, pytorch_ops) in variants.items():
+            with pytorch_dropout_and_attention() if pytorch_ops else contextlib.nullcontext():
+                runs[name].append(bench_training(variant, device, ceiling, batch=64, repeats=args.repeats,
+                                                 epoch_captions=None))
     print("ceiling after (GFLOP/s):", {k: round(v) for k, v in matmul_ceiling(shapes, device)[0].items()})
-    for rp, rows in runs.items():
+    for name, rows in runs.items():
         speeds = [r["samples_per_s"] for r in rows]
         fraction = statistics.median(r["fraction_of_ceiling"] for r in rows)
-        print(f"rounding head {rp:5}: samples/s per round {[round(v) for v in speeds]}, median "
+        print(f"{name}: samples/s per round {[round(v) for v in speeds]}, median "
               f"{statistics.median(speeds):.1f} = {fraction:.0%} of the bf16 ceiling")
     if args.profile:
-        net, variant = variants["train"].denoiser.train(), variants["train"]
+        net, variant = heads["train"].denoiser.train(), heads["train"]
         optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
         ids = torch.randint(0, model.space.vocab_size, (64, s.max_length))
         image, keep = fake_features(model, 64), torch.ones(64, dtype=torch.bool)

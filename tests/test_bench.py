@@ -35,6 +35,20 @@ def test_levers_are_timed_off_and_on(tmp_path: Path, capsys) -> None:
     assert {("precision", "fp32"), ("precision", "bf16"), ("image condition", "every step"),
             ("image condition", "once per call"), ("training precision", "fp32"),
             ("training precision", "bf16"), ("training: rounding head", "fp32"),
-            ("training: rounding head", "train")} <= settings
+            ("training: rounding head", "train"), ("training: dropout+attention", "pytorch"),
+            ("training: dropout+attention", "diffcap ops")} <= settings
     assert all(r.get("captions_per_s", r.get("samples_per_s", 0)) > 0 for r in levers)
     assert "levers (one at a time)" in capsys.readouterr().out
+
+
+def test_the_pytorch_ops_context_swaps_the_blocks_dropout_and_attention_and_restores_them() -> None:
+    import torch.nn.functional as F
+
+    from diffcap.bench import pytorch_dropout_and_attention
+    from diffcap.models import autoregressive, denoiser, ops
+
+    with pytorch_dropout_and_attention():
+        assert denoiser.dropout is F.dropout and autoregressive.dropout is F.dropout
+        assert denoiser.attention is not ops.attention
+    assert denoiser.dropout is ops.dropout and denoiser.attention is ops.attention
+    assert autoregressive.dropout is ops.dropout

@@ -20,6 +20,7 @@ tiny models on generated images in seconds: what the CI test runs to keep the su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from diffcap.checkpoint import write_text_atomic
 from diffcap.config import LossConfig
@@ -205,6 +207,22 @@ def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str,
     return out
 
 
+def pytorch_dropout_and_attention() -> contextlib.ExitStack:
+    """A context in which the networks use PyTorch's F.dropout and SDPA (with its own dropout) in training, as
+    before models/ops.py: the "before" of that lever."""
+    from unittest import mock
+
+    def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: float = 0.0, causal: bool = False,
+             explicit: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+
+    stack = contextlib.ExitStack()
+    for target, value in (("diffcap.models.denoiser.dropout", F.dropout), ("diffcap.models.denoiser.attention", sdpa),
+                          ("diffcap.models.autoregressive.dropout", F.dropout)):
+        stack.enter_context(mock.patch(target, value))
+    return stack
+
+
 def bench_levers(model: CaptionModel, device: torch.device, *, steps: int, batches: tuple[int, ...], repeats: int,
                  compile_: bool = True) -> list[dict[str, Any]]:
     """Sampling time with each lever of the performance issue off and on, one at a time, at `steps` steps:
@@ -368,6 +386,14 @@ def run(args: argparse.Namespace) -> Results:
                 row = bench_training(variant, device, results.ceiling, batch=results.training["batch"],
                                      repeats=repeats, epoch_captions=None)
             results.levers.append({"lever": "training: rounding head", "setting": setting, "batch": row["batch"],
+                                   "samples_per_s": row["samples_per_s"],
+                                   "fraction_of_ceiling": row["fraction_of_ceiling"]})
+        # dropout masks and attention: PyTorch's (bernoulli_ masks, SDPA) or models/ops.py's (packed masks, explicit)
+        with pytorch_dropout_and_attention():
+            before = bench_training(trainee, device, results.ceiling, batch=results.training["batch"],
+                                    repeats=repeats, epoch_captions=None)
+        for setting, row in (("pytorch", before), ("diffcap ops", results.training)):
+            results.levers.append({"lever": "training: dropout+attention", "setting": setting, "batch": row["batch"],
                                    "samples_per_s": row["samples_per_s"],
                                    "fraction_of_ceiling": row["fraction_of_ceiling"]})
     if not args.no_features:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcap.models.denoiser import Block, ImageFeatures, backbone_key_map, bert_init
+from diffcap.models.ops import dropout
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class CaptionDecoder(nn.Module):
         first = self.pooled_proj(image.pooled).unsqueeze(1)  # (B, 1, H)
         h = torch.cat([first, self.embed(ids)], 1) if start == 0 else self.embed(ids)
         n = h.shape[1]
-        return F.dropout(self.embed_norm(h + self.positions.weight[start: start + n]), self.shape.dropout, self.training)
+        return dropout(self.embed_norm(h + self.positions.weight[start: start + n]), self.shape.dropout, self.training)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h) @ self.embed.weight.T + self.out_bias  # (B, n, V)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffcap.models.ops import attention, dropout
+
 
 @dataclass(frozen=True)
 class ImageFeatures:
@@ -113,22 +115,22 @@ class Block(nn.Module):
         k = k.view(B, M, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, M, hd)
         v = v.view(B, M, self.heads, H // self.heads).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal).transpose(1, 2).reshape(B, N, H)
+        return attention(q, k, v, p=p, causal=causal, explicit=self.training).transpose(1, 2).reshape(B, N, H)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
                 memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`memory` (B, M, H) is what cross-attention reads; `memory_kv` its keys and values, when precomputed."""
         p = self.dropout if self.training else 0.0
         a = self._attend(self.query(x), self.key(x), self.value(x), causal)
-        x = self.attn_norm(x + F.dropout(self.attn_out(a), p, self.training))
+        x = self.attn_norm(x + dropout(self.attn_out(a), p, self.training))
         if self.cross:
             if memory_kv is None:
                 assert memory is not None, "a cross-attention block needs the image memory"
                 memory_kv = self.cross_key(memory), self.cross_value(memory)
             c = self._attend(self.cross_query(x), *memory_kv)
-            x = self.cross_norm(x + F.dropout(self.cross_out(c), p, self.training))
+            x = self.cross_norm(x + dropout(self.cross_out(c), p, self.training))
         h = self.ff_out(F.gelu(self.ff_in(x)))
-        return self.ff_norm(x + F.dropout(h, p, self.training))
+        return self.ff_norm(x + dropout(h, p, self.training))
 
 
 def bert_init(root: nn.Module) -> None:
@@ -279,7 +281,7 @@ class Denoiser(nn.Module):
             h = h + self.time_mlp(timestep_embedding(t, self.shape.hidden)).unsqueeze(1)
         if cond.added is not None:
             h = h + cond.added
-        h = F.dropout(self.embed_norm(h), self.shape.dropout, self.training)
+        h = dropout(self.embed_norm(h), self.shape.dropout, self.training)
         for i, block in enumerate(self.blocks):
             h = block(h, memory_kv=None if cond.memory_kv is None else cond.memory_kv[i])
         return self.out_proj(h[:, -L:])  # (B, L, D)
