@@ -58,10 +58,10 @@ def test_dropout_keeps_dtype_and_shape() -> None:
 def test_explicit_attention_matches_sdpa(causal: bool) -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 9, 8, requires_grad=True) for _ in range(3))
-    ours = attention(q, k, v, causal=causal, explicit=True)
+    ours = attention(q, k, v, causal=causal, training=True)  # p = 0: only the explicit product differs
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert torch.allclose(ours, ref, atol=1e-5)
-    assert torch.equal(attention(q, k, v, causal=causal), ref)
+    assert torch.equal(attention(q, k, v, p=0.5, causal=causal), ref)  # not training: SDPA, no dropout
     (g_ours,) = torch.autograd.grad(ours.square().sum(), q)
     (g_ref,) = torch.autograd.grad(ref.square().sum(), q)
     assert torch.allclose(g_ours, g_ref, atol=1e-4)
@@ -71,17 +71,29 @@ def test_explicit_attention_dropout_drops_weights() -> None:
     torch.manual_seed(0)
     q, k = torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 1000, 8)
     v = torch.ones(1, 1, 1000, 8)  # uniform weights 1/1000: the output is the kept share, rescaled
-    out = attention(q, k, v, p=0.5, explicit=True)
+    out = attention(q, k, v, p=0.5, training=True)
     assert not torch.allclose(out, torch.ones_like(out))  # something was dropped
     assert abs(out.mean().item() - 1.0) < 0.05
-    with pytest.raises(AssertionError, match="explicit=True"):
-        attention(q, k, v, p=0.5)
 
 
 def test_explicit_attention_under_bf16_autocast_is_close_to_fp32() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 35, 32) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention(q, k, v, explicit=True)
+        out = attention(q, k, v, training=True)
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), F.scaled_dot_product_attention(q, k, v), atol=0.05)
+
+
+def test_other_devices_use_pytorchs_fused_kernels() -> None:
+    """The packed masks and the explicit product are CPU measures; elsewhere (a GPU) PyTorch's own run."""
+    from unittest import mock
+
+    x = torch.empty(2, 4, 9, 8, device="meta")
+    with mock.patch("diffcap.models.ops.F.dropout", wraps=F.dropout) as drop:
+        assert dropout(x, 0.1).device.type == "meta"
+    drop.assert_called_once()
+    with mock.patch("diffcap.models.ops.F.scaled_dot_product_attention",
+                    wraps=F.scaled_dot_product_attention) as sdpa:
+        assert attention(x, x, x, p=0.1, training=True).shape == x.shape
+    assert sdpa.call_args.kwargs["dropout_p"] == 0.1

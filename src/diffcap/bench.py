@@ -213,8 +213,8 @@ def pytorch_dropout_and_attention() -> contextlib.ExitStack:
     from unittest import mock
 
     def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: float = 0.0, causal: bool = False,
-             explicit: bool = False) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
+             training: bool = False) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p if training else 0.0, is_causal=causal)
 
     stack = contextlib.ExitStack()
     for target, value in (("diffcap.models.denoiser.dropout", F.dropout), ("diffcap.models.denoiser.attention", sdpa),

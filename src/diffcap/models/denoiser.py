@@ -114,8 +114,8 @@ class Block(nn.Module):
         q = q.view(B, N, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, N, hd)
         k = k.view(B, M, self.heads, H // self.heads).transpose(1, 2)  # (B, heads, M, hd)
         v = v.view(B, M, self.heads, H // self.heads).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        return attention(q, k, v, p=p, causal=causal, explicit=self.training).transpose(1, 2).reshape(B, N, H)
+        out = attention(q, k, v, p=self.dropout, causal=causal, training=self.training)
+        return out.transpose(1, 2).reshape(B, N, H)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
                 memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -9,6 +9,8 @@
   the fused CPU kernel, whose backward is slow at our lengths (≈ 35 positions, head size 32). The explicit
   softmax(QKᵀ/√d)·V, with the matmuls in the autocast precision, our dropout on the weights and the softmax in
   fp32, made a bf16 training step 1.2× faster (BENCHMARKS.md). Without gradients (sampling) SDPA is as fast.
+
+Both are CPU measures: on a GPU, PyTorch's fused kernels (Philox dropout, flash attention) are used as they are.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch.nn.functional as F
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout with masks drawn four elements per 64-bit random number (module docstring)."""
-    if not training or p == 0.0:
-        return x
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
     uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform on [-32768, 32767]
@@ -33,14 +37,12 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, p: float = 0.0, causal: bool = False,
-              explicit: bool = False) -> torch.Tensor:
-    """softmax(q kᵀ / √d + causal mask) v over (B, heads, N, d) tensors, with dropout `p` on the weights.
-
-    `explicit=True` spells the product out (for training: module docstring); otherwise SDPA, which must then get
-    p = 0 (its own dropout is the slow one)."""
-    if not explicit:
-        assert p == 0.0, "SDPA's dropout is slow on CPU: use explicit=True to train with attention dropout"
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+              training: bool = False) -> torch.Tensor:
+    """softmax(q kᵀ / √d + causal mask) v over (B, heads, N, d) tensors, with dropout `p` on the weights when
+    `training`: spelled out on a CPU in training (module docstring), SDPA otherwise."""
+    p = p if training else 0.0
+    if not training or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if causal:
         N, M = scores.shape[-2:]
