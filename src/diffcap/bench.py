@@ -8,7 +8,8 @@ fp32 and bf16), so results are read as ratios that survive a noisy, shared machi
 - sampling: ms per caption at batch 1 and captions/s at batch 64, for each step count, with and without
   guidance; achieved GFLOP/s of the denoiser (FLOPs counted by torch's FlopCounterMode) / the ceiling;
 - autoregressive baseline (when given): greedy and beam, batch 1 and 64; the diffusion / AR latency ratio
-  at the diffusion step count whose quality matches the baseline (`--matched-steps`);
+  at the smallest diffusion step count whose CIDEr reaches AR greedy's, read from `diffcap evaluate` outputs
+  (`--quality`); without them, or when no step count reaches it, at `--matched-steps`, flagged as not matched;
 - training: training samples/s of one optimisation step of the diffusion model at the training batch size
   (forward, backward, AdamW; bf16 autocast as training runs) and its fraction of the bf16 ceiling;
 - feature extraction images/s; cold start and peak memory of `diffcap caption IMAGE` (a fresh process).
@@ -323,10 +324,53 @@ def bench_caption_process(checkpoint: Path, image: Path, device: str) -> dict[st
             "caption": stdout.strip().splitlines()[-1] if stdout.strip() else ""}
 
 
+def quality_match(files: list[Path], diffusion_checkpoint: Path, ar_checkpoint: Path,
+                  metric: str = "CIDEr") -> dict[str, Any]:
+    """The smallest diffusion step count whose `metric` reaches the AR baseline's greedy score, from
+    `diffcap evaluate --output` files of both checkpoints on the same images (None when no step count does).
+
+    Each file is assigned to a checkpoint by its recorded path; files must share the split and the number of
+    images, diffusion files must use single-sample unguided sampling with one file per step count, and the AR
+    file must be greedy — anything else is refused, since it would not compare like with like."""
+    def same(a: str | Path, b: Path) -> bool:
+        return Path(a).resolve() == b.resolve()
+
+    ar_score: float | None = None
+    by_steps: dict[int, float] = {}
+    scope: set[tuple[Any, Any]] = set()
+    for f in files:
+        try:
+            data = json.loads(Path(f).read_text())
+            checkpoint, score = data["checkpoint"], float(data["metrics"][metric])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{f}: not a `diffcap evaluate --output` file with {metric} ({e})") from e
+        scope.add((data.get("split"), data.get("num_images")))
+        if same(checkpoint, ar_checkpoint):
+            if data.get("beam_size", 1) != 1 or ar_score is not None:
+                raise ValueError(f"{f}: the AR baseline needs exactly one greedy evaluation (beam size 1)")
+            ar_score = score
+        elif same(checkpoint, diffusion_checkpoint):
+            if data.get("candidates", 1) != 1 or data.get("guidance", 0.0) != 0.0:
+                raise ValueError(f"{f}: only single-sample, unguided diffusion evaluations are comparable")
+            if data["steps"] in by_steps:
+                raise ValueError(f"{f}: a second evaluation at {data['steps']} steps")
+            by_steps[int(data["steps"])] = score
+        else:
+            raise ValueError(f"{f}: evaluates {checkpoint}, neither --checkpoint nor --ar-checkpoint")
+    if len(scope) > 1:
+        raise ValueError(f"the evaluations cover different images (split, images): {sorted(scope, key=str)}")
+    if ar_score is None or not by_steps:
+        raise ValueError("--quality needs a greedy evaluation of the AR baseline and at least one of the diffusion model")
+    reaching = [n for n in sorted(by_steps) if by_steps[n] >= ar_score]
+    return {"metric": metric, "ar_greedy": ar_score, "diffusion_by_steps": dict(sorted(by_steps.items())),
+            "matched_steps": reaching[0] if reaching else None}
+
+
 # -- the suite -------------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> Results:
+def run(args: argparse.Namespace, quality: dict[str, Any] | None = None) -> Results:
+    """The whole suite; `quality` (from `quality_match`) picks the step count of the diffusion / AR ratios."""
     device = torch.device(args.device)
     results = Results()
     results.machine = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -345,6 +389,11 @@ def run(args: argparse.Namespace) -> Results:
     rows = batches[-1] * (s.prefix_length + s.max_length)
     results.ceiling, results.ceiling_shapes = matmul_ceiling(model_matmuls(diffusion, rows), device,
                                                              repeats=3 if args.tiny else 10)
+    matched = quality["matched_steps"] if quality and quality["matched_steps"] else args.matched_steps
+    if args.tiny:
+        matched = steps[-1]
+    elif matched not in steps:
+        steps = tuple(sorted({*steps, matched}))
     precision = args.precision
     guidances = (0.0, args.guidance) if args.guidance > 0 else (0.0,)
     results.sampling = bench_sampling(diffusion, device, results.ceiling, steps=steps, batches=batches,
@@ -354,11 +403,15 @@ def run(args: argparse.Namespace) -> Results:
         ar.space.to(device)
         results.autoregressive = bench_autoregressive(ar, device, batches=batches, beams=(1, args.beam),
                                                       precision=precision, repeats=repeats)
-        matched = args.matched_steps if args.matched_steps in steps else steps[-1]
         diff1 = next(r for r in results.sampling if r["batch"] == 1 and r["steps"] == matched and r["guidance"] == 0)
         greedy1 = next(r for r in results.autoregressive if r["batch"] == 1 and r["beam_size"] == 1)
-        results.ratios = {"matched_steps": matched,
+        # "quality_matched": None = not checked (no --quality), False = no step count reaches AR greedy's score,
+        # in which case the ratios are at --matched-steps and are not the issue's quality-matched figure
+        results.ratios = {"steps": matched,
+                          "quality_matched": None if quality is None else quality["matched_steps"] is not None,
                           "latency_diffusion_over_ar_greedy_batch1": diff1["ms_per_caption"] / greedy1["ms_per_caption"]}
+        if quality is not None:
+            results.ratios["quality"] = quality
         big = batches[-1]
         diffb = next(r for r in results.sampling if r["batch"] == big and r["steps"] == matched and r["guidance"] == 0)
         greedyb = next(r for r in results.autoregressive if r["batch"] == big and r["beam_size"] == 1)
@@ -415,7 +468,14 @@ def format_table(results: Results) -> str:
         lines.append(f"  AR beam={r['beam_size']} {r['precision']:>6} {r['batch']:5d}     -        - "
                      f"{r['ms_per_caption']:11.1f} {r['captions_per_s']:11.1f}")
     if results.ratios:
-        lines.append(f"ratios: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results.ratios.items()})}")
+        r = results.ratios
+        lines.append(f"ratios: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items() if k != 'quality'})}")
+        if "quality" in r:
+            q = r["quality"]
+            scores = ", ".join(f"{n}: {v:.1f}" for n, v in q["diffusion_by_steps"].items())
+            verdict = (f"first reached at {q['matched_steps']} steps" if q["matched_steps"] is not None
+                       else f"no step count reaches it: the ratios are at {r['steps']} steps, NOT quality-matched")
+            lines.append(f"quality ({q['metric']}): AR greedy {q['ar_greedy']:.1f}; diffusion by steps {scores}; {verdict}")
     t = results.training
     if t:
         lines.append(f"training: {t['samples_per_s']:.0f} samples/s at batch {t['batch']}, {t['gflops']:.0f} GFLOP/s = "
@@ -447,7 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="also time guided sampling with this weight (0 = skip)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--matched-steps", type=int, default=20,
-                   help="the diffusion step count whose quality matches the AR baseline (for the latency ratio)")
+                   help="the diffusion step count for the diffusion / AR ratios when --quality finds no match or is "
+                        "not given (then the ratios are not quality-matched, and say so)")
+    p.add_argument("--quality", type=Path, nargs="+", default=None, metavar="EVAL_JSON",
+                   help="`diffcap evaluate --output` files of --checkpoint at several step counts and of "
+                        "--ar-checkpoint (greedy), on the same images: the ratios are taken at the smallest step count "
+                        "whose CIDEr reaches AR greedy's")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epoch-captions", type=int, default=30_000, help="captions per epoch (Flickr8k train: 30,000)")
     p.add_argument("--image", type=Path, default=None, help="time `diffcap caption` on this image in a fresh process")
@@ -470,7 +535,17 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         args.checkpoint = DEFAULT_CHECKPOINT
-    results = run(args)
+    quality = None
+    if args.quality:
+        if args.ar_checkpoint is None:
+            print("error: --quality compares with the AR baseline: give --ar-checkpoint too", file=sys.stderr)
+            return 2
+        try:
+            quality = quality_match(args.quality, args.checkpoint, args.ar_checkpoint)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    results = run(args, quality)
     print(format_table(results))
     if args.out:
         write_text_atomic(args.out, json.dumps(results.to_dict(), indent=2))
