@@ -1,9 +1,10 @@
 """Time one batch-64 training step in three settings, in alternating rounds so all see the same machine noise:
 the rounding head in fp32 with PyTorch's dropout and SDPA; the head in the training precision (bf16), same ops;
-the bf16 head with models/ops.py's packed dropout masks and explicit attention (today's default). Optionally
-profile today's step.
+the bf16 head with models/ops.py's packed dropout masks and explicit attention (today's default); with
+`--levels K`, also today's step with K noise levels per caption and 64 / K captions (the "sample size" trick, the
+same 64 samples). Optionally profile today's step.
 
-    python benchmarks/training_step.py [--checkpoint DIR] [--rounds 5] [--repeats 5] [--profile]
+    python benchmarks/training_step.py [--checkpoint DIR] [--rounds 5] [--repeats 5] [--levels K] [--profile]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--levels", type=int, default=0, help="also time K noise levels per caption x 64 / K captions")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's table for 3 bf16 steps")
     args = p.parse_args()
     device = torch.device("cpu")
@@ -38,13 +40,18 @@ def main() -> None:
     print("ceiling before (GFLOP/s):", {k: round(v) for k, v in ceiling.items()})
     heads = {rp: dataclasses.replace(model, config=dataclasses.replace(model.config, loss=LossConfig(rounding_precision=rp)))
              for rp in ("fp32", "train")}
-    variants = {"fp32 head, pytorch ops": (heads["fp32"], True), "bf16 head, pytorch ops": (heads["train"], True),
-                "bf16 head, diffcap ops": (heads["train"], False)}
+    variants = {"fp32 head, pytorch ops": (heads["fp32"], True, 64), "bf16 head, pytorch ops": (heads["train"], True, 64),
+                "bf16 head, diffcap ops": (heads["train"], False, 64)}
+    if args.levels > 1:
+        train = dataclasses.replace(model.config.train, samples_per_caption=args.levels)
+        levels = dataclasses.replace(heads["train"], config=dataclasses.replace(heads["train"].config, train=train))
+        variants[f"bf16 head, diffcap ops, {args.levels} noise levels x {64 // args.levels} captions"] = (
+            levels, False, 64 // args.levels)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, (variant, pytorch_ops) in variants.items():
+        for name, (variant, pytorch_ops, captions) in variants.items():
             with pytorch_dropout_and_attention() if pytorch_ops else contextlib.nullcontext():
-                runs[name].append(bench_training(variant, device, ceiling, batch=64, repeats=args.repeats,
+                runs[name].append(bench_training(variant, device, ceiling, batch=captions, repeats=args.repeats,
                                                  epoch_captions=None))
     print("ceiling after (GFLOP/s):", {k: round(v) for k, v in matmul_ceiling(shapes, device)[0].items()})
     for name, rows in runs.items():

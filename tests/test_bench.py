@@ -36,7 +36,8 @@ def test_levers_are_timed_off_and_on(tmp_path: Path, capsys) -> None:
             ("image condition", "once per call"), ("training precision", "fp32"),
             ("training precision", "bf16"), ("training: rounding head", "fp32"),
             ("training: rounding head", "train"), ("training: dropout+attention", "pytorch"),
-            ("training: dropout+attention", "diffcap ops")} <= settings
+            ("training: dropout+attention", "diffcap ops"), ("training: noise levels", "1 per caption"),
+            ("training: noise levels", "4 per caption")} <= settings
     assert all(r.get("captions_per_s", r.get("samples_per_s", 0)) > 0 for r in levers)
     assert "levers (one at a time)" in capsys.readouterr().out
 

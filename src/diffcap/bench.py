@@ -449,6 +449,15 @@ def run(args: argparse.Namespace, quality: dict[str, Any] | None = None) -> Resu
             results.levers.append({"lever": "training: dropout+attention", "setting": setting, "batch": row["batch"],
                                    "samples_per_s": row["samples_per_s"],
                                    "fraction_of_ceiling": row["fraction_of_ceiling"]})
+        # the "sample size" trick: k noise levels per caption, batch / k captions (the same samples per step)
+        k = 4 if results.training["batch"] % 4 == 0 else 1
+        levels = dataclasses.replace(trainee, config=dataclasses.replace(
+            trainee.config, train=dataclasses.replace(trainee.config.train, samples_per_caption=k)))
+        row = bench_training(levels, device, results.ceiling, batch=results.training["batch"] // k, repeats=repeats,
+                             epoch_captions=None)
+        for setting, r in (("1 per caption", results.training), (f"{k} per caption", row)):
+            results.levers.append({"lever": "training: noise levels", "setting": setting, "batch": r["batch"],
+                                   "samples_per_s": r["samples_per_s"], "fraction_of_ceiling": r["fraction_of_ceiling"]})
     if not args.no_features:
         results.features = bench_features(diffusion.config.encoder.name, device, batch=4 if args.tiny else 32,
                                           repeats=repeats)
