@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 
 import torch
 
 from diffcap.app import DEFAULT_CHECKPOINT
-from diffcap.bench import (bench_training, fake_features, matmul_ceiling, model_matmuls,
-                           pytorch_dropout_and_attention)
-from diffcap.config import LossConfig
-from diffcap.pipeline import load_model, training_losses
+from diffcap.bench import (bench_training, matmul_ceiling, model_matmuls, pytorch_dropout_and_attention,
+                           training_step, with_settings)
+from diffcap.pipeline import load_model
 
 
 def main() -> None:
@@ -38,13 +36,11 @@ def main() -> None:
     shapes = model_matmuls(model, 64 * (s.prefix_length + s.max_length))
     ceiling, _ = matmul_ceiling(shapes, device)
     print("ceiling before (GFLOP/s):", {k: round(v) for k, v in ceiling.items()})
-    heads = {rp: dataclasses.replace(model, config=dataclasses.replace(model.config, loss=LossConfig(rounding_precision=rp)))
-             for rp in ("fp32", "train")}
+    heads = {rp: with_settings(model, "loss", rounding_precision=rp) for rp in ("fp32", "train")}
     variants = {"fp32 head, pytorch ops": (heads["fp32"], True, 64), "bf16 head, pytorch ops": (heads["train"], True, 64),
                 "bf16 head, diffcap ops": (heads["train"], False, 64)}
     if args.levels > 1:
-        train = dataclasses.replace(model.config.train, samples_per_caption=args.levels)
-        levels = dataclasses.replace(heads["train"], config=dataclasses.replace(heads["train"].config, train=train))
+        levels = with_settings(heads["train"], "train", samples_per_caption=args.levels)
         variants[f"bf16 head, diffcap ops, {args.levels} noise levels x {64 // args.levels} captions"] = (
             levels, False, 64 // args.levels)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -60,18 +56,7 @@ def main() -> None:
         print(f"{name}: samples/s per round {[round(v) for v in speeds]}, median "
               f"{statistics.median(speeds):.1f} = {fraction:.0%} of the bf16 ceiling")
     if args.profile:
-        net, variant = heads["train"].denoiser.train(), heads["train"]
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        ids = torch.randint(0, model.space.vocab_size, (64, s.max_length))
-        image, keep = fake_features(model, 64), torch.ones(64, dtype=torch.bool)
-
-        def step() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = training_losses(variant, net, ids, image, keep, self_condition=False)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        step = training_step(heads["train"], device, batch=64)
         for _ in range(3):
             step()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

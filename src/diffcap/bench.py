@@ -180,8 +180,16 @@ def bench_autoregressive(model: CaptionModel, device: torch.device, *, batches: 
     return rows
 
 
-def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str, float], *, batch: int,
-                   repeats: int, epoch_captions: int | None, precision: str = "bf16") -> dict[str, Any]:
+def with_settings(model: CaptionModel, section: str, **fields: Any) -> CaptionModel:
+    """`model` with `config.<section>`'s `fields` replaced (same weights): a lever's other setting."""
+    changed = dataclasses.replace(getattr(model.config, section), **fields)
+    return dataclasses.replace(model, config=dataclasses.replace(model.config, **{section: changed}))
+
+
+def training_step(model: CaptionModel, device: torch.device, *, batch: int,
+                  precision: str = "bf16") -> Callable[[], None]:
+    """One AdamW step of the denoiser on random captions and features (without self-conditioning's no-grad pass),
+    in `precision` autocast as training runs; the network is left in train mode."""
     net = model.denoiser.to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
     ids = torch.randint(0, model.space.vocab_size, (batch, model.space.max_length), device=device)
@@ -195,10 +203,16 @@ def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str,
         losses["loss"].backward()
         optimizer.step()
 
+    return step
+
+
+def bench_training(model: CaptionModel, device: torch.device, ceiling: dict[str, float], *, batch: int,
+                   repeats: int, epoch_captions: int | None, precision: str = "bf16") -> dict[str, Any]:
+    step = training_step(model, device, batch=batch, precision=precision)
     flops = count_flops(step)
     seconds = timeit(step, device, repeats=repeats)
     samples = batch * model.config.train.samples_per_caption
-    net.eval()
+    model.denoiser.eval()
     out = {"batch": batch, "precision": precision, "samples_per_s": samples / seconds, "seconds_per_step": seconds,
            "gflops": flops / seconds / 1e9, "fraction_of_ceiling": flops / seconds / 1e9 / ceiling[precision],
            "note": f"one AdamW step, {precision}, rounding head in {model.config.loss.rounding_precision} precision, "
@@ -425,39 +439,30 @@ def run(args: argparse.Namespace, quality: dict[str, Any] | None = None) -> Resu
     results.training = bench_training(trainee, device, results.ceiling, batch=batches[-1] if args.tiny else 64,
                                       repeats=repeats, epoch_captions=None if args.tiny else args.epoch_captions)
     if args.levers:
-        fp32 = bench_training(trainee, device, results.ceiling, batch=results.training["batch"], repeats=repeats,
-                              epoch_captions=None, precision="fp32")
-        for t in (fp32, results.training):
-            results.levers.append({"lever": "training precision", "setting": t["precision"], "batch": t["batch"],
-                                   "samples_per_s": t["samples_per_s"], "fraction_of_ceiling": t["fraction_of_ceiling"]})
-        # the rounding head (x0 estimate @ word table, V x D) in fp32 or in the training precision (bf16)
-        for setting in ("fp32", "train"):
-            row = results.training
-            if setting != trainee.config.loss.rounding_precision:
-                variant = dataclasses.replace(trainee, config=dataclasses.replace(
-                    trainee.config, loss=dataclasses.replace(trainee.config.loss, rounding_precision=setting)))
-                row = bench_training(variant, device, results.ceiling, batch=results.training["batch"],
-                                     repeats=repeats, epoch_captions=None)
-            results.levers.append({"lever": "training: rounding head", "setting": setting, "batch": row["batch"],
-                                   "samples_per_s": row["samples_per_s"],
-                                   "fraction_of_ceiling": row["fraction_of_ceiling"]})
+        batch = results.training["batch"]
+
+        def lever(name: str, setting: str, row: dict[str, Any]) -> None:
+            results.levers.append({"lever": name, "setting": setting, "batch": row["batch"],
+                                   "samples_per_s": row["samples_per_s"], "fraction_of_ceiling": row["fraction_of_ceiling"]})
+
+        def timed(model: CaptionModel, captions: int = batch, precision: str = "bf16") -> dict[str, Any]:
+            return bench_training(model, device, results.ceiling, batch=captions, repeats=repeats, epoch_captions=None,
+                                  precision=precision)
+
+        lever("training precision", "fp32", timed(trainee, precision="fp32"))
+        lever("training precision", "bf16", results.training)
+        # the rounding head (x0 estimate @ word table, V x D) in fp32 or in the training precision (bf16, the default)
+        lever("training: rounding head", "fp32", timed(with_settings(trainee, "loss", rounding_precision="fp32")))
+        lever("training: rounding head", "train", results.training)
         # dropout masks and attention: PyTorch's (bernoulli_ masks, SDPA) or models/ops.py's (packed masks, explicit)
         with pytorch_dropout_and_attention():
-            before = bench_training(trainee, device, results.ceiling, batch=results.training["batch"],
-                                    repeats=repeats, epoch_captions=None)
-        for setting, row in (("pytorch", before), ("diffcap ops", results.training)):
-            results.levers.append({"lever": "training: dropout+attention", "setting": setting, "batch": row["batch"],
-                                   "samples_per_s": row["samples_per_s"],
-                                   "fraction_of_ceiling": row["fraction_of_ceiling"]})
+            lever("training: dropout+attention", "pytorch", timed(trainee))
+        lever("training: dropout+attention", "diffcap ops", results.training)
         # the "sample size" trick: k noise levels per caption, batch / k captions (the same samples per step)
-        k = 4 if results.training["batch"] % 4 == 0 else 1
-        levels = dataclasses.replace(trainee, config=dataclasses.replace(
-            trainee.config, train=dataclasses.replace(trainee.config.train, samples_per_caption=k)))
-        row = bench_training(levels, device, results.ceiling, batch=results.training["batch"] // k, repeats=repeats,
-                             epoch_captions=None)
-        for setting, r in (("1 per caption", results.training), (f"{k} per caption", row)):
-            results.levers.append({"lever": "training: noise levels", "setting": setting, "batch": r["batch"],
-                                   "samples_per_s": r["samples_per_s"], "fraction_of_ceiling": r["fraction_of_ceiling"]})
+        k = 4 if batch % 4 == 0 else 1
+        lever("training: noise levels", "1 per caption", results.training)
+        lever("training: noise levels", f"{k} per caption",
+              timed(with_settings(trainee, "train", samples_per_caption=k), captions=batch // k))
     if not args.no_features:
         results.features = bench_features(diffusion.config.encoder.name, device, batch=4 if args.tiny else 32,
                                           repeats=repeats)

@@ -120,17 +120,16 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
                 memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`memory` (B, M, H) is what cross-attention reads; `memory_kv` its keys and values, when precomputed."""
-        p = self.dropout if self.training else 0.0
         a = self._attend(self.query(x), self.key(x), self.value(x), causal)
-        x = self.attn_norm(x + dropout(self.attn_out(a), p, self.training))
+        x = self.attn_norm(x + dropout(self.attn_out(a), self.dropout, self.training))
         if self.cross:
             if memory_kv is None:
                 assert memory is not None, "a cross-attention block needs the image memory"
                 memory_kv = self.cross_key(memory), self.cross_value(memory)
             c = self._attend(self.cross_query(x), *memory_kv)
-            x = self.cross_norm(x + dropout(self.cross_out(c), p, self.training))
+            x = self.cross_norm(x + dropout(self.cross_out(c), self.dropout, self.training))
         h = self.ff_out(F.gelu(self.ff_in(x)))
-        return self.ff_norm(x + dropout(h, p, self.training))
+        return self.ff_norm(x + dropout(h, self.dropout, self.training))
 
 
 def bert_init(root: nn.Module) -> None:
