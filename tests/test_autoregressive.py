@@ -3,6 +3,7 @@ same train/save/load/caption path as the diffusion model."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def _image(batch: int, seed: int = 0) -> ImageFeatures:
     return ImageFeatures(torch.randn(batch, 5, generator=g), torch.randn(batch, 9, 7, generator=g))
 
 
-@pytest.fixture
-def decoder() -> CaptionDecoder:
+@pytest.fixture(params=[False, True], ids=["post-norm", "pre-norm"])
+def decoder(request: pytest.FixtureRequest) -> CaptionDecoder:
+    """Both block layouts (model.norm): causality, the KV cache and beam search must hold for each."""
     torch.manual_seed(0)
-    net = CaptionDecoder(SHAPE).eval()
+    net = CaptionDecoder(dataclasses.replace(SHAPE, pre_norm=request.param)).eval()
     with torch.no_grad():  # non-zero cross-attention so the image matters
         for block in net.blocks:
             torch.nn.init.normal_(block.cross_out.weight, std=0.2)
@@ -69,10 +71,9 @@ def _sequence_logprob(net: CaptionDecoder, image: ImageFeatures, ids: torch.Tens
 
 
 def test_beam_search_finds_the_most_likely_caption(decoder: CaptionDecoder) -> None:
-    import dataclasses
     import itertools
 
-    short = CaptionDecoder(dataclasses.replace(SHAPE, max_length=3)).eval()
+    short = CaptionDecoder(dataclasses.replace(decoder.shape, max_length=3)).eval()
     short.load_state_dict({k: v[:3] if k == "positions.weight" else v for k, v in decoder.state_dict().items()})
     image = _image(6, seed=2)
     every = torch.tensor(list(itertools.product(range(11), repeat=3)))  # all 1331 captions of length 3
@@ -160,3 +161,22 @@ def test_bf16_sampling_gives_captions_and_bad_precisions_are_refused(tiny_checkp
     assert len(bf16) == len(fp32) and all(isinstance(c, str) for c in bf16)
     with pytest.raises(ValueError, match="precision"):
         generate(captioner.model, features, precision="fp8")
+
+
+def test_label_smoothing_changes_the_loss_not_the_logged_cross_entropy() -> None:
+    from diffcap.losses import decoder_losses
+
+    class Space:  # what decoder_losses reads of a TextSpace
+        pad_index = 0
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11) * 3
+    ids = torch.tensor([[3, 4, 5, 1, 0], [6, 1, 0, 0, 0]])
+    plain = decoder_losses(logits, ids, Space())  # type: ignore[arg-type]
+    smooth = decoder_losses(logits, ids, Space(), label_smoothing=0.1)  # type: ignore[arg-type]
+    mask = ids != 0
+    expected = torch.nn.functional.cross_entropy(logits[mask], ids[mask], label_smoothing=0.1)
+    torch.testing.assert_close(smooth["loss"], expected)  # [PAD] targets are left out, smoothing applied
+    torch.testing.assert_close(smooth["cross_entropy"], plain["loss"])
+    assert not torch.isclose(smooth["loss"], plain["loss"])
+

@@ -332,3 +332,23 @@ def test_guidance_formula(model, inputs, w: float) -> None:
     if w == 1.0:
         torch.testing.assert_close(guided, 2 * cond - uncond, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(guided, cond, atol=1e-4)
+
+
+def test_pre_norm_denoiser_has_a_final_norm_and_learns_from_random_init() -> None:
+    shape = DenoiserShape(latent_dim=8, pooled_dim=5, grid_dim=7, hidden=32, heads=4, intermediate=64, layers=2,
+                          max_length=6, use_pooled=True, grid_pool=2, timestep_embedding=True, self_condition=False,
+                          dropout=0.0, pre_norm=True)
+    torch.manual_seed(0)
+    net = Denoiser(shape)
+    assert net.final_norm is not None and all(block.pre_norm for block in net.blocks)
+    image = ImageFeatures(torch.randn(4, 5), torch.randn(4, 9, 7))
+    x, t, target = torch.randn(4, 6, 8), torch.randint(0, 100, (4,)), torch.randn(4, 6, 8)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(net(x, t, image), target)
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2 * first

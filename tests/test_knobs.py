@@ -46,6 +46,9 @@ KNOBS = [
     ["model.timestep_embedding=false"],
     ["model.self_condition=false"],
     ["model.kind=autoregressive"],
+    ["model.kind=autoregressive", "model.norm=pre", "model.init_from_backbone=false", "loss.label_smoothing=0.1"],
+    ["model.norm=pre", "model.init_from_backbone=false"],
+    ["model.norm=pre", "model.grid_mode=cross", "model.grid_pool=4"],
     ["text.embeddings=trainable"],
     ["text.embeddings=learned", "text.embedding_dim=16"],
 ]
@@ -149,6 +152,9 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
     (["model.kind=autoregressive", "text.embeddings=trainable"], "text.embeddings"),
     (["model.kind=autoregressive", "model.text_slot=retrieved"], "model.text_slot"),
     (["model.text_slot=caption"], "model.text_slot"),
+    (["model.norm=sandwich"], "model.norm"),
+    (["loss.label_smoothing=0.1"], "loss.label_smoothing"),  # diffusion has no next-word loss to smooth
+    (["model.kind=autoregressive", "loss.label_smoothing=1.0"], "loss.label_smoothing"),
 ])
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -316,3 +322,21 @@ def test_text_slot_trains_saves_its_memory_and_captions_new_images(tmp_path, sha
     save_checkpoint(tmp_path / "damaged", config_json=json.dumps(config), meta=meta, tensors=damaged)
     with pytest.raises(CheckpointError, match="no memory"):
         load_model(tmp_path / "damaged")
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "autoregressive"])
+def test_init_from_backbone_decides_the_blocks_not_the_embeddings(kind: str) -> None:
+    from diffcap.text.space import load_backbone
+
+    _, backbone = load_backbone("minilm")
+    state = backbone.state_dict()
+    pretrained, random = (_model(f"model.kind={kind}", f"model.init_from_backbone={flag}").denoiser
+                          for flag in ("true", "false"))
+    layer0 = state["encoder.layer.0.attention.self.query.weight"]
+    torch.testing.assert_close(pretrained.blocks[0].query.weight, layer0)
+    assert not torch.allclose(random.blocks[0].query.weight, layer0)
+    for net in (pretrained, random):  # positions and the embedding LayerNorm come from the backbone either way
+        torch.testing.assert_close(net.positions.weight, state["embeddings.position_embeddings.weight"][:8])
+        torch.testing.assert_close(net.embed_norm.weight, state["embeddings.LayerNorm.weight"])
+    if kind == "autoregressive":  # the tied word table is the text space's, from the backbone
+        torch.testing.assert_close(random.embed.weight, pretrained.embed.weight)

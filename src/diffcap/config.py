@@ -69,7 +69,12 @@ class ModelConfig:
     # backbone layers, features and vocabulary (cross-attends to the grid; grid_pool sets its size).
     kind: Literal["diffusion", "autoregressive"] = "diffusion"
     layers: int = 6
+    # the blocks start from the backbone's first `layers` layers (false: random, BERT's N(0, 0.02)); the
+    # embeddings (word table, positions, embedding LayerNorm) always start from the backbone's
     init_from_backbone: bool = True
+    # "post": BERT's post-LayerNorm blocks (the backbone's layout, needed to start from its layers); "pre":
+    # pre-LayerNorm blocks plus a final LayerNorm (GPT-2/DiT layout, the usual choice from random init)
+    norm: Literal["post", "pre"] = "post"
     # Image prefix positions: the pooled vector and/or the feature grid average-pooled to grid_pool x grid_pool
     # (0 = no grid positions).
     use_pooled: bool = True
@@ -114,6 +119,8 @@ class LossConfig:
     # > 0: "dynamic" rounding weight, reset every step to C * (running sum of the distance terms) /
     # (running sum of the rounding term) over the epoch, C = this value; 0 = the constant rounding_weight
     dynamic_rounding: float = 0.0
+    # the autoregressive baseline's next-word cross-entropy with this label smoothing (0 = plain cross-entropy)
+    label_smoothing: float = 0.0
 
 
 @dataclass
@@ -379,6 +386,9 @@ def validate(config: Config) -> None:
     lo = config.loss
     for name in ("x_t_weight", "x_1_weight", "rounding_weight", "dynamic_rounding"):
         need(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0")
+    need(0.0 <= lo.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
+    need(lo.label_smoothing == 0.0 or m.kind == "autoregressive", "loss.label_smoothing",
+         "applies to the autoregressive baseline's next-word loss only: use 0 for diffusion")
     need(lo.x_t_weight + lo.x_1_weight + lo.rounding_weight > 0, "loss.x_t_weight",
          "every loss term is off: set x_t_weight, x_1_weight or rounding_weight > 0")
     need(d.target != "x_prev" or 1 <= d.target_interval < d.timesteps, "diffusion.target_interval",

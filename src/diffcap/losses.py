@@ -88,15 +88,19 @@ def caption_losses(
     return {"loss": total, **terms, "token_accuracy": accuracy}
 
 
-def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace) -> dict[str, torch.Tensor]:
+def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace,
+                   label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """Next-word cross-entropy of the autoregressive baseline, over each caption's pieces and its [SEP]
-    (the [PAD] positions after it are not predicted)."""
-    target = ids.masked_fill(ids == space.pad_index, -100)  # (B, L)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100)
+    (the [PAD] positions after it are not predicted); `label_smoothing` spreads that much of each target's
+    probability over the vocabulary ("cross_entropy" is logged without it)."""
+    target = ids.masked_fill(ids == space.pad_index, -100).flatten()  # (B * L,)
+    flat = logits.float().flatten(0, 1)
+    loss = F.cross_entropy(flat, target, ignore_index=-100, label_smoothing=label_smoothing)
     with torch.no_grad():
+        plain = F.cross_entropy(flat, target, ignore_index=-100) if label_smoothing > 0 else loss.detach()
         mask = target >= 0
-        accuracy = ((logits.argmax(-1) == ids) & mask).sum() / mask.sum().clamp(min=1)
-    return {"loss": loss, "cross_entropy": loss.detach(), "token_accuracy": accuracy}
+        accuracy = ((flat.argmax(-1) == ids.flatten()) & mask).sum() / mask.sum().clamp(min=1)
+    return {"loss": loss, "cross_entropy": plain, "token_accuracy": accuracy}
 
 
 class DynamicRoundingWeight:

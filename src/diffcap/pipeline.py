@@ -108,6 +108,7 @@ def denoiser_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: 
         dropout=m.dropout, layer_norm_eps=getattr(bc, "layer_norm_eps", 1e-12), grid_mode=m.grid_mode,
         pooled_mode=m.pooled_mode, vocab_size=0 if config.text.embeddings == "frozen" else space.vocab_size,
         text_dim=hidden if m.text_slot == "retrieved" else 0,  # sentence vectors of the same backbone
+        pre_norm=m.norm == "pre",
     )
 
 
@@ -123,7 +124,8 @@ def decoder_shape(config: Config, space: TextSpace, pooled_dim: int, grid_dim: i
                           f"{s.latent_dim} must equal the backbone's hidden size {s.hidden}")
     return DecoderShape(vocab_size=space.vocab_size, hidden=s.hidden, heads=s.heads, intermediate=s.intermediate,
                         layers=s.layers, max_length=s.max_length, pooled_dim=pooled_dim, grid_dim=grid_dim,
-                        grid_pool=s.grid_pool, dropout=s.dropout, layer_norm_eps=s.layer_norm_eps)
+                        grid_pool=s.grid_pool, dropout=s.dropout, layer_norm_eps=s.layer_norm_eps,
+                        pre_norm=s.pre_norm)
 
 
 def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterable[str] | None = None) -> CaptionModel:
@@ -135,13 +137,12 @@ def build_model(config: Config, pooled_dim: int, grid_dim: int, captions: Iterab
     denoiser: Denoiser | CaptionDecoder
     if config.model.kind == "autoregressive":
         denoiser = CaptionDecoder(decoder_shape(config, space, pooled_dim, grid_dim))
-        if config.model.init_from_backbone:
-            words = backbone.get_input_embeddings().weight.detach()[space.vocab_ids]
-            denoiser.load_backbone(backbone.state_dict(), words)
+        words = backbone.get_input_embeddings().weight.detach()[space.vocab_ids]
+        denoiser.load_backbone(backbone.state_dict(), words, layers=config.model.init_from_backbone)
     else:
         denoiser = Denoiser(denoiser_shape(config, space, pooled_dim, grid_dim))
-        if config.model.init_from_backbone:
-            denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale)
+        denoiser.load_backbone(backbone.state_dict(), space.mean, space.std, t.latent_scale,
+                               layers=config.model.init_from_backbone)
         if denoiser.words is not None:
             with torch.no_grad():  # trainable: from the frozen table; learned: N(0, latent_scale^2) per dimension
                 denoiser.words.copy_(space.table if t.embeddings == "trainable"
@@ -187,7 +188,7 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
     `rounding_weight` overrides the config's (the dynamic weight).
     """
     if model.autoregressive:
-        return decoder_losses(network(ids, image), ids, model.space)
+        return decoder_losses(network(ids, image), ids, model.space, model.config.loss.label_smoothing)
     lc, k = model.config.loss, model.config.train.samples_per_caption
     if k > 1:  # k noise levels per caption: repeat the batch
         ids, image, keep = ids.repeat(k, 1), image.repeat(k), keep.repeat(k)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcap.models.denoiser import Block, ImageFeatures, backbone_key_map, bert_init
+from diffcap.models.denoiser import Block, ImageFeatures, KVCache, backbone_key_map, bert_init
 from diffcap.models.ops import dropout
 
 
@@ -41,6 +41,7 @@ class DecoderShape:
     grid_pool: int
     dropout: float
     layer_norm_eps: float = 1e-12
+    pre_norm: bool = False  # model.norm == "pre": pre-LayerNorm blocks and a final LayerNorm before the head
 
 
 class CaptionDecoder(nn.Module):
@@ -56,8 +57,10 @@ class CaptionDecoder(nn.Module):
         self.memory_positions = nn.Parameter(torch.zeros(s.grid_pool**2, H))
         self.memory_norm = nn.LayerNorm(H, eps=s.layer_norm_eps)
         self.blocks = nn.ModuleList(
-            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, cross=True) for _ in range(s.layers)
+            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, cross=True, pre_norm=s.pre_norm)
+            for _ in range(s.layers)
         )
+        self.final_norm = nn.LayerNorm(H, eps=s.layer_norm_eps) if s.pre_norm else nn.Identity()
         self.head = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.LayerNorm(H, eps=s.layer_norm_eps))
         self.out_bias = nn.Parameter(torch.zeros(s.vocab_size))
         bert_init(self)
@@ -65,12 +68,13 @@ class CaptionDecoder(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.cross_out.weight)  # start as the pretrained (text-only) layers
 
-    def load_backbone(self, state: dict[str, torch.Tensor], word_embeddings: torch.Tensor) -> None:
-        """Pretrained layers, positions, embedding LayerNorm and the word embeddings of our vocabulary."""
+    def load_backbone(self, state: dict[str, torch.Tensor], word_embeddings: torch.Tensor, layers: bool = True) -> None:
+        """The word embeddings of our vocabulary, positions and embedding LayerNorm, and with `layers` the
+        pretrained blocks (model.init_from_backbone)."""
         own = self.state_dict()
         loaded = {}
         for mine, theirs in backbone_key_map(state, len(self.blocks)).items():
-            if mine == "types.weight":
+            if mine == "types.weight" or (mine.startswith("blocks.") and not layers):
                 continue
             value = state[theirs][: self.shape.max_length] if mine == "positions.weight" else state[theirs]
             if own[mine].shape != value.shape:
@@ -98,7 +102,7 @@ class CaptionDecoder(nn.Module):
         return dropout(self.embed_norm(h + self.positions.weight[start: start + n]), self.shape.dropout, self.training)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h) @ self.embed.weight.T + self.out_bias  # (B, n, V)
+        return self.head(self.final_norm(h)) @ self.embed.weight.T + self.out_bias  # (B, n, V)
 
     # -- training ----------------------------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, image: ImageFeatures) -> torch.Tensor:
@@ -111,17 +115,10 @@ class CaptionDecoder(nn.Module):
 
     # -- decoding ----------------------------------------------------------------------------------------
     def _step(self, h: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-              cache: list[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
-        """One new position (B, 1, H) through every block, extending the self-attention cache in place."""
-        for i, block in enumerate(self.blocks):
-            k, v = block.key(h), block.value(h)
-            if cache[i] is not None:
-                k, v = torch.cat([cache[i][0], k], 1), torch.cat([cache[i][1], v], 1)
-            cache[i] = (k, v)
-            h = block.attn_norm(h + block.attn_out(block._attend(block.query(h), k, v)))
-            mk, mv = memory_kv[i]
-            h = block.cross_norm(h + block.cross_out(block._attend(block.cross_query(h), mk, mv)))
-            h = block.ff_norm(h + block.ff_out(F.gelu(block.ff_in(h))))
+              cache: list[KVCache]) -> torch.Tensor:
+        """One new position (B, 1, H) through every block, extending the self-attention caches in place."""
+        for block, kv, block_cache in zip(self.blocks, memory_kv, cache):
+            h = block(h, memory_kv=kv, cache=block_cache)
         return self.logits(h)[:, -1]  # (B, V)
 
     @torch.no_grad()
@@ -134,7 +131,7 @@ class CaptionDecoder(nn.Module):
             image = ImageFeatures(image.pooled.repeat_interleave(K, 0), image.grid.repeat_interleave(K, 0))
         memory = self.memory(image)
         memory_kv = [(b.cross_key(memory), b.cross_value(memory)) for b in self.blocks]
-        cache: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.blocks)
+        cache = [KVCache() for _ in self.blocks]
         device = memory.device
         end_ids = torch.tensor(end, device=device)
         tokens = torch.empty(B * K, 0, dtype=torch.long, device=device)
@@ -158,7 +155,8 @@ class CaptionDecoder(nn.Module):
                 beam = flat // V + torch.arange(B, device=device).unsqueeze(1) * K  # rows they extend
                 beam, next_ids = beam.view(-1), (flat % V).view(-1)
                 tokens, done = tokens[beam], done[beam]
-                cache = [(k[beam], v[beam]) for k, v in cache]  # type: ignore[index]
+                for block_cache in cache:
+                    block_cache.reorder(beam)
             tokens = torch.cat([tokens, next_ids.unsqueeze(1)], 1)
             done = done | torch.isin(next_ids, end_ids)
             if bool(done.all()) or position == L - 1:

@@ -17,6 +17,7 @@ The network knows no noise schedule: it maps (x_t, t, image, self_cond) -> x0_ha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,7 @@ class DenoiserShape:
     pooled_mode: str = "concat"  # "concat": the pooled vector is a prefix position; "add": added to every position
     vocab_size: int = 0  # > 0: the network owns a learned (vocab_size, latent_dim) word table (text.embeddings)
     text_dim: int = 0  # > 0: one more prefix position, the text slot's feature projected (model.text_slot)
+    pre_norm: bool = False  # model.norm == "pre": pre-LayerNorm blocks and a final LayerNorm
 
     @property
     def cross(self) -> bool:
@@ -89,11 +91,35 @@ class DenoiserShape:
         return self.grid_pool**2 if self.cross else 0
 
 
+class KVCache:
+    """The self-attention keys and values of the positions decoded so far (one per block; autoregressive decoding)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], 1), torch.cat([self.v, v], 1)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep `rows` (beam search: the beams that survived)."""
+        if self.k is not None and self.v is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+
+
 class Block(nn.Module):
-    """One post-LayerNorm BERT layer (attention, [cross-attention,] feed-forward) using SDPA."""
+    """One BERT layer (attention, [cross-attention,] feed-forward) with our CPU attention/dropout ops.
+
+    `pre_norm=False` is BERT's post-LayerNorm (x = norm(x + f(x)), the pretrained backbone's layout);
+    `pre_norm=True` normalises each sublayer's input instead (x = x + f(norm(x)); GPT-2 / DiT layout, needs a
+    final LayerNorm after the last block, which the models own).
+    """
 
     def __init__(self, hidden: int, heads: int, intermediate: int, dropout: float, eps: float,
-                 cross: bool = False) -> None:
+                 cross: bool = False, pre_norm: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
@@ -108,6 +134,7 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(intermediate, hidden)
         self.ff_norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = dropout
+        self.pre_norm = pre_norm
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         (B, N, H), M = q.shape, k.shape[1]
@@ -117,19 +144,31 @@ class Block(nn.Module):
         out = attention(q, k, v, p=self.dropout, causal=causal, training=self.training)
         return out.transpose(1, 2).reshape(B, N, H)
 
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.pre_norm:
+            return x + dropout(sublayer(norm(x)), self.dropout, self.training)
+        return norm(x + dropout(sublayer(x), self.dropout, self.training))
+
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
-                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`memory` (B, M, H) is what cross-attention reads; `memory_kv` its keys and values, when precomputed."""
-        a = self._attend(self.query(x), self.key(x), self.value(x), causal)
-        x = self.attn_norm(x + dropout(self.attn_out(a), self.dropout, self.training))
+                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """`memory` (B, M, H) is what cross-attention reads; `memory_kv` its keys and values, when precomputed.
+        With a `cache` (decoding), x is the one new position: it attends to the cached ones and is appended."""
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = self.key(h), self.value(h)
+            if cache is not None:
+                k, v = cache.extend(k, v)
+            return self.attn_out(self._attend(self.query(h), k, v, causal and cache is None))
+
+        x = self._residual(x, self.attn_norm, self_attention)
         if self.cross:
             if memory_kv is None:
                 assert memory is not None, "a cross-attention block needs the image memory"
                 memory_kv = self.cross_key(memory), self.cross_value(memory)
-            c = self._attend(self.cross_query(x), *memory_kv)
-            x = self.cross_norm(x + dropout(self.cross_out(c), self.dropout, self.training))
-        h = self.ff_out(F.gelu(self.ff_in(x)))
-        return self.ff_norm(x + dropout(h, self.dropout, self.training))
+            kv = memory_kv
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_out(self._attend(self.cross_query(h), *kv)))
+        return self._residual(x, self.ff_norm, lambda h: self.ff_out(F.gelu(self.ff_in(h))))
 
 
 def bert_init(root: nn.Module) -> None:
@@ -184,8 +223,9 @@ class Denoiser(nn.Module):
             nn.Sequential(nn.Linear(H, 4 * H), nn.SiLU(), nn.Linear(4 * H, H)) if s.timestep_embedding else None
         )
         self.blocks = nn.ModuleList(
-            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, s.cross) for _ in range(s.layers)
+            Block(H, s.heads, s.intermediate, s.dropout, s.layer_norm_eps, s.cross, s.pre_norm) for _ in range(s.layers)
         )
+        self.final_norm = nn.LayerNorm(H, eps=s.layer_norm_eps) if s.pre_norm else None
         self.out_proj = nn.Linear(H, s.latent_dim)
         # the learned word table (trainable or learned embeddings): the text space embeds and rounds with it
         self.words = nn.Parameter(torch.zeros(s.vocab_size, s.latent_dim)) if s.vocab_size > 0 else None
@@ -283,12 +323,15 @@ class Denoiser(nn.Module):
         h = dropout(self.embed_norm(h), self.shape.dropout, self.training)
         for i, block in enumerate(self.blocks):
             h = block(h, memory_kv=None if cond.memory_kv is None else cond.memory_kv[i])
+        if self.final_norm is not None:
+            h = self.final_norm(h)
         return self.out_proj(h[:, -L:])  # (B, L, D)
 
     # -- initialisation from a pretrained backbone ------------------------------------------------------
     def load_backbone(self, state: dict[str, torch.Tensor], latent_mean: torch.Tensor | None = None,
-                      latent_std: torch.Tensor | None = None, latent_scale: float = 1.0) -> None:
-        """Copy the backbone's first layers, positions and embedding LayerNorm (BERT or DistilBERT names).
+                      latent_std: torch.Tensor | None = None, latent_scale: float = 1.0, layers: bool = True) -> None:
+        """Copy the backbone's positions and embedding LayerNorm and, with `layers`, its first layers (BERT or
+        DistilBERT names).
 
         When the latent and hidden widths agree, `in_proj` starts as the inverse of the latent
         standardisation, so at t = 0 the pretrained layers see the word embeddings they were trained on.
@@ -297,6 +340,8 @@ class Denoiser(nn.Module):
         own = self.state_dict()
         loaded = {}
         for mine, theirs in mapping.items():
+            if mine.startswith("blocks.") and not layers:
+                continue
             value = state[theirs]
             if mine == "positions.weight":
                 value = value[: self.shape.max_length]
