@@ -137,7 +137,7 @@ def test_cli_trajectory_json_is_the_api_format(tiny_checkpoint: Path, shapes_jso
     assert main(["caption", str(tiny_checkpoint), str(image), "--trajectory", "--json", "--steps", "4"]) == 0
     (record,) = json.loads(capsys.readouterr().out)
     sample = captioner.samples(image, 1, steps=4)[0]
-    assert record.pop("image") == str(image)
+    assert record.pop("path") == str(image)
     _assert_same_samples([record], [sample.to_dict()])
     assert main(["caption", str(tiny_checkpoint), str(image), "--trajectory", "--confidence", "--steps", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()

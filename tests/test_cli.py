@@ -175,13 +175,17 @@ def test_error_unknown_config_key(tmp_path: Path, capsys) -> None:
 
 
 def test_error_corrupt_image(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """A file that cannot be captioned: one 'failed: PATH: reason' line and a summary, exit code 1."""
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
-    line = _error_line(capsys, ["caption", str(tiny_checkpoint), str(broken)])
-    assert "broken.png" in line
     text = tmp_path / "notes.jpg"
     text.write_text("hello")
-    assert "notes.jpg" in _error_line(capsys, ["caption", str(tiny_checkpoint), str(text)])
+    for bad in (broken, text):
+        assert main(["caption", str(tiny_checkpoint), str(bad)]) == 1
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert captured.out == "" and "Traceback" not in captured.err
+        assert lines[0].startswith(f"failed: {bad}: ") and lines[-1].startswith("captioned 0, failed 1")
 
 
 def test_error_dataset_root_missing(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:

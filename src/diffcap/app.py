@@ -42,6 +42,7 @@ from typing import Any
 from PIL import Image
 
 from diffcap.checkpoint import CheckpointError
+from diffcap.data.collection import IMAGE_SUFFIXES
 from diffcap.data.images import ImageLoadError, load_image
 
 log = logging.getLogger("diffcap")
@@ -52,7 +53,6 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "checkpoint"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)

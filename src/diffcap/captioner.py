@@ -4,6 +4,8 @@
     captioner = Captioner.from_pretrained("runs/default/checkpoint")
     captioner.caption(["photo.jpg", pil_image], steps=20, guidance=0.0)
     captioner.samples("photo.jpg", n=3)  # three captions, each with its denoising trajectory
+    for result in captioner.caption_stream(paths):  # a large collection in bounded memory; bad files reported
+        print(result.path, result.caption if result.ok else result.error)
 
 Trajectories have one representation for every front end: `TrajectoryStep.to_dict` is what the web app's
 JSON API returns and `diffcap caption --trajectory --json` prints, and `format_trajectory` is the text the
@@ -12,21 +14,25 @@ CLI prints; both come from `trajectory_steps`, which the report uses too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from diffcap.checkpoint import CheckpointError
-from diffcap.data.images import load_image
+from diffcap.data.images import ImageLoadError, load_image
 from diffcap.encoders.base import ImageEncoder, build_encoder
 from diffcap.models.denoiser import ImageFeatures
 from diffcap.pipeline import CaptionModel, Generation, generate, load_model
 
 ImageInput = str | Path | Image.Image
+Errors = Literal["raise", "skip"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +56,29 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         return {"caption": self.caption, "trajectory": [step.to_dict() for step in self.trajectory]}
+
+
+@dataclass
+class CaptionResult:
+    """One image of `Captioner.caption_stream`: its caption, or why it has none."""
+
+    path: str  # the file as given, or "<image N>" for an in-memory image
+    caption: str | None  # None when the image could not be loaded
+    error: str | None = None  # the reason, when caption is None
+    candidates: list[str] = field(default_factory=list)  # with candidates = N > 1: the N samples MBR chose from
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """{"path", "caption"} (+ "candidates" when sampled; "error" instead of "caption" for a failure)."""
+        if not self.ok:
+            return {"path": self.path, "error": self.error}
+        record: dict[str, Any] = {"path": self.path, "caption": self.caption}
+        if self.candidates:
+            record["candidates"] = self.candidates
+        return record
 
 
 def trajectory_steps(model: CaptionModel, generation: Generation, row: int = 0) -> list[TrajectoryStep]:
@@ -116,17 +145,69 @@ class Captioner:
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, *, steps: int | None = None,
                 guidance: float | None = None, batch_size: int = 32, seed: int | None = None,
-                candidates: int | None = None) -> list[str]:
+                candidates: int | None = None, errors: Errors = "raise") -> list[str | None]:
         """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config.
-        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one."""
+        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one.
+
+        `errors="raise"` (default): an image that cannot be loaded raises ImageLoadError naming it and why.
+        `errors="skip"`: its caption is None, a warning names it and its reason, and every other image is
+        captioned.
+        """
+        if errors not in ("raise", "skip"):
+            raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
-        captions: list[str] = []
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start: start + batch_size])
-            captions += generate(self.model, self.features(chunk), steps=steps, guidance=guidance, seed=seed,
-                                 first_index=start, candidates=candidates).captions
-        return captions
+        out: list[str | None] = []
+        for result in self.caption_stream(images, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
+                                          candidates=candidates):
+            if not result.ok:
+                if errors == "raise":
+                    raise ImageLoadError(result.path, result.error or "")
+                log.warning("skipped %s: %s", result.path, result.error)
+            out.append(result.caption)
+        return out
+
+    def caption_stream(self, images: Iterable[ImageInput], *, indices: Iterable[int] | None = None,
+                       steps: int | None = None, guidance: float | None = None, batch_size: int = 32,
+                       seed: int | None = None, candidates: int | None = None) -> Iterator[CaptionResult]:
+        """Caption `images` a batch at a time, yielding one CaptionResult per image in order: memory stays
+        bounded by `batch_size` whatever the number of images, and an image that cannot be loaded becomes a
+        result with its `error` instead of stopping the rest.
+
+        Image k starts from the noise of `indices[k]` (default: k), as the k-th image of `caption()` does, so a
+        resumed run that passes each image's index in the whole collection gives the same captions.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = iter(indices) if indices is not None else None
+        batch: list[tuple[int, ImageInput]] = []
+        for k, image in enumerate(images):
+            batch.append((next(order) if order is not None else k, image))
+            if len(batch) == batch_size:
+                yield from self._caption_batch(batch, steps, guidance, seed, candidates)
+                batch = []
+        if batch:
+            yield from self._caption_batch(batch, steps, guidance, seed, candidates)
+
+    def _caption_batch(self, batch: list[tuple[int, ImageInput]], steps: int | None, guidance: float | None,
+                       seed: int | None, candidates: int | None) -> list[CaptionResult]:
+        results: list[CaptionResult] = []
+        loaded: list[tuple[int, Image.Image]] = []
+        for index, image in batch:
+            name = f"<image {index}>" if isinstance(image, Image.Image) else str(image)
+            try:
+                loaded.append((index, load_image(image)))
+                results.append(CaptionResult(name, None))
+            except ImageLoadError as exc:
+                results.append(CaptionResult(name, None, exc.reason))
+        if loaded:
+            gen = generate(self.model, self.features([image for _, image in loaded]), steps=steps, guidance=guidance,
+                           seed=seed, indices=[index for index, _ in loaded], candidates=candidates)
+            ok = [r for r in results if r.ok]
+            for k, result in enumerate(ok):
+                result.caption = gen.captions[k]
+                result.candidates = gen.candidates[k] if gen.candidates else []
+        return results
 
     def trajectory(self, image: ImageInput, *, steps: int | None = None, guidance: float | None = None,
                    seed: int | None = None, index: int = 0) -> list[TrajectoryStep]:

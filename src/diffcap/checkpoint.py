@@ -86,8 +86,16 @@ def write_text_atomic(path: Path, text: str) -> Path:
     permissions a plain `open(path, "w")` would give (a temporary file would be 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
+    # UTF-8 whatever the locale; surrogateescape writes file names that were not UTF-8 back as their bytes
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
+                                     encoding="utf-8", errors="surrogateescape", newline="") as f:
+        try:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(f.name)
+            raise
     os.chmod(f.name, _file_mode())
     os.replace(f.name, path)
     return path

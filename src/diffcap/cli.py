@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,50 +76,145 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_and_images(paths: list[str]) -> tuple[Path, list[str]]:
-    """`[CHECKPOINT] IMAGE...`: a first path that is a checkpoint directory names the model, otherwise the
-    checkpoint shipped with diffcap captions every path."""
-    from diffcap.app import IMAGE_SUFFIXES, resolve_checkpoint
+def _checkpoint_and_images(paths: list[str], checkpoint: Path | None) -> tuple[Path, list[str]]:
+    """`[CHECKPOINT] PATH...`: the first path names the model when it is a folder with a meta.json (a
+    checkpoint), otherwise the checkpoint shipped with diffcap captions every path; `--checkpoint` names it
+    explicitly (then every path is an image or a folder of images)."""
+    from diffcap.app import resolve_checkpoint
+    from diffcap.data.collection import IMAGE_SUFFIXES, find_images
 
+    if checkpoint is not None:
+        if not (checkpoint / "meta.json").is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint} is not a checkpoint (no meta.json)")
+        return checkpoint, paths
     first = Path(paths[0])
+    if first.is_dir() and (first / "meta.json").is_file():
+        if find_images([first]).images:
+            raise ValueError(f"{first} is both a checkpoint (it has meta.json) and a folder of images: use "
+                             f"--checkpoint {first} to caption the other paths with it, or give the images' "
+                             "paths instead of the folder")
+        if len(paths) < 2:
+            raise ValueError(f"no image to caption: give image paths or folders after the checkpoint {first}")
+        return first, paths[1:]
     if not first.exists() and first.suffix.lower() not in IMAGE_SUFFIXES and len(paths) > 1:
         raise FileNotFoundError(f"checkpoint {first} does not exist")
-    if first.is_dir():
-        if not (first / "meta.json").is_file() and not (first / "config.json").is_file():
-            raise FileNotFoundError(f"{first} is a directory but not a checkpoint (no meta.json)")
-        if len(paths) < 2:
-            raise ValueError(f"no image to caption: give image paths after the checkpoint {first}")
-        return first, paths[1:]
     return resolve_checkpoint(None), paths
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from diffcap.captioner import Captioner
+    import time
 
-    args.checkpoint, args.images = _checkpoint_and_images(args.paths)
+    from tqdm.auto import tqdm
+
+    from diffcap.captioner import Captioner, CaptionResult, format_trajectory
+    from diffcap.data.collection import display_path, find_images
+    from diffcap.data.images import ImageLoadError, load_image
+    from diffcap.outputs import CaptionFile, output_format
+
     if args.candidates is not None and args.trajectory:
         raise ValueError("--trajectory follows one sample: leave out --candidates")
-    captioner = Captioner.from_pretrained(args.checkpoint)
-    if args.trajectory:
-        from diffcap.captioner import format_trajectory
+    if args.resume and args.output is None:
+        raise ValueError("--resume continues an --output file: give --output too")
+    if args.output is not None:
+        output_format(args.output)  # a bad extension is refused before the model loads
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    checkpoint, paths = _checkpoint_and_images(args.paths, args.checkpoint)
+    found = find_images(paths, recursive=args.recursive)
+    if not found.images and not found.failed:
+        raise FileNotFoundError(f"no image found in {', '.join(map(display_path, paths))}"
+                                + (f" ({found.skipped_summary()} skipped)" if found.skipped else ""))
+    for path, reason in found.failed.items():  # unreadable while listing folders
+        print(f"failed: {display_path(path)}: {reason}", file=sys.stderr)
+    out = CaptionFile(args.output, resume=args.resume) if args.output is not None else None
+    # each image keeps its index in the whole collection (its noise seed), resumed or not
+    todo = [(k, path) for k, path in enumerate(found.images) if out is None or path not in out.done]
+    captioner = Captioner.from_pretrained(checkpoint)
 
-        records = []
-        for image in args.images:  # each image alone, as `caption IMAGE` and the web app caption it
-            sample = captioner.samples(image, 1, steps=args.steps, guidance=args.guidance, seed=args.seed)[0]
-            if args.json:  # a sample as the web app's API returns it (diffcap serve, POST /api/caption)
-                records.append({"image": str(image), **sample.to_dict()})
+    def results() -> Iterator[CaptionResult | tuple[CaptionResult, list[Any]]]:
+        if not args.trajectory:
+            yield from captioner.caption_stream((p for _, p in todo), indices=(k for k, _ in todo),
+                                                steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                                candidates=args.candidates, batch_size=args.batch_size)
+            return
+        for _, path in todo:  # each image alone, as `caption IMAGE` and the web app caption it
+            try:
+                sample = captioner.samples(load_image(path), 1, steps=args.steps, guidance=args.guidance,
+                                           seed=args.seed)[0]
+            except ImageLoadError as exc:
+                yield CaptionResult(path, None, exc.reason)
                 continue
-            print(f"{image}:")
-            for line in format_trajectory(sample.trajectory, confidence=args.confidence):
-                print(f"  {line}")
-        if args.json:
-            print(json.dumps(records, indent=1))
-        return 0
-    captions = captioner.caption(args.images, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                 candidates=args.candidates)
-    for image, caption in zip(args.images, captions):
-        print(f"{image}\t{caption}" if len(args.images) > 1 else caption)
-    return 0
+            yield CaptionResult(path, sample.caption), sample.trajectory
+
+    failed = dict(found.failed)
+    printed: list[dict[str, Any]] = []
+    captioned, start = 0, time.perf_counter()
+    bar = tqdm(total=len(todo), unit="img", desc="captioning", disable=not sys.stderr.isatty(), leave=False)
+    batch: list[dict[str, Any]] = []
+    try:
+        for item in results():
+            result, trajectory = item if isinstance(item, tuple) else (item, None)
+            bar.update(1)
+            if not result.ok:
+                failed[result.path] = result.error or "unknown error"
+                bar.write(f"failed: {display_path(result.path)}: {result.error}", file=sys.stderr)
+                continue
+            captioned += 1
+            record = result.to_dict()
+            if trajectory is not None:
+                record["trajectory"] = [step.to_dict() for step in trajectory]
+            if out is not None:
+                batch.append(record)
+                if len(batch) >= args.batch_size or trajectory is not None:
+                    out.add(batch)
+                    batch = []
+            elif args.json:
+                printed.append(record)
+            elif trajectory is not None:
+                print(f"{display_path(result.path)}:")
+                for line in format_trajectory(trajectory, confidence=args.confidence):
+                    print(f"  {line}")
+            else:
+                caption = result.caption
+                print(f"{display_path(result.path)}\t{caption}" if len(found.images) > 1 else caption, flush=True)
+        if out is not None:
+            out.add(batch)
+            total = out.finish()
+    except BaseException:
+        if out is not None:  # interrupted: what was captioned stays in the .partial file
+            out.close()
+            print(f"{captioned} captions kept in {display_path(out.partial)}: run the same command with --resume "
+                  "to continue", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if args.json and out is None:
+        print(json.dumps(printed, indent=1))
+    summary = f"captioned {captioned}, failed {len(failed)}"
+    if out is not None and len(todo) < len(found.images):
+        summary += f", already in {args.output} {len(found.images) - len(todo)}"
+    if found.skipped:
+        summary += f"; skipped {found.skipped_summary()}"
+    if captioned:
+        summary += f" ({captioned / max(seconds, 1e-9):.3g} images/s)"
+    if out is not None:
+        summary += f"; wrote {total} records to {args.output}"
+    if len(found.images) > 1 or failed or out is not None or found.skipped:
+        print(summary, file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _listed(failures: dict[str, str], limit: int = 5) -> str:
+    """'a.jpg (missing), b.jpg (truncated), ... and 3 more'"""
+    shown = ", ".join(f"{key} ({reason})" for key, reason in list(failures.items())[:limit])
+    return shown + (f", ... and {len(failures) - limit} more" if len(failures) > limit else "")
+
+
+def _refuse_unreadable(failures: dict[str, str], total: int, split: str) -> None:
+    if failures:
+        raise ValueError(f"{len(failures)} of the {total} {split} images cannot be read: {_listed(failures)}; fix "
+                         "them, or pass --on-error skip to score the others")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -134,7 +231,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, meta = load_model(args.checkpoint)
     data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
                       annotations=str(args.annotations or ""))
-    records = split_records(data, args.split)
+    records = split_records(data, args.split, keep_missing=True)  # a missing file is reported below, with its name
     if args.limit:
         records = records[: args.limit]
     leaked = model.trained_on([r.key for r in records])
@@ -146,7 +243,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     encoder = build_encoder(model.config.encoder.name)
     cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, model.config.encoder.name)
-    cache = ensure_features(encoder, records, cache_root / args.split)
+    if args.on_error == "fail":  # refuse before any work: every file exists and has an image header
+        from diffcap.data.collection import unreadable
+
+        _refuse_unreadable(unreadable({r.key: r.path for r in records}), len(records), args.split)
+    cache = ensure_features(encoder, records, cache_root / args.split, on_error=args.on_error)
+    skipped = {r.key: cache.failed.get(r.key, "no features") for r in records if r.key not in cache}
+    if args.on_error == "fail":  # a file broken past its header, or one an earlier cache already knew
+        _refuse_unreadable(skipped, len(records), args.split)
+    elif skipped:
+        print(f"warning: {len(skipped)} of the {len(records)} {args.split} images could not be read and are left out "
+              f"of the scores: {_listed(skipped)}", file=sys.stderr)
     usable = [r for r in records if r.key in cache]
     table = FeatureTable.from_cache(cache, [r.key for r in usable])
     if args.shuffle_features:
@@ -166,7 +273,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "shuffled_features": bool(args.shuffle_features),
         "num_images": result["num_images"],
         "training_images_evaluated": len(leaked),
-        "skipped_images": sorted(set(r.key for r in records) - set(r.key for r in usable)),
+        "skipped_images": sorted(skipped),
+        "skipped_reasons": skipped,
         "captions_per_second": result["captions_per_second"],
         "captions": result["captions"],
     }
@@ -291,17 +399,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("caption", help="caption images (with the shipped model, or a checkpoint named first)")
-    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE",
-                   help="images, optionally after a checkpoint directory (default: the checkpoint shipped with diffcap)")
+    p = sub.add_parser(
+        "caption", help="caption images and folders of images (with the shipped model, or a checkpoint named first)",
+        description="Caption image files and folders. The first PATH is the model when it is a checkpoint folder "
+                    "(one with a meta.json, as `diffcap train` and `export` write); any other folder is a folder of "
+                    "images, read by content (hidden files and non-images are skipped and counted). A folder that "
+                    "is both is refused: name the model with --checkpoint. Files that cannot be read are reported "
+                    "on stderr and the rest are captioned; the exit code is 1 when any failed.")
+    p.add_argument("paths", nargs="+", metavar="[CHECKPOINT] PATH",
+                   help="image files and folders (the first may be a checkpoint folder)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the model, explicitly (then every PATH is an image or a folder)")
+    p.add_argument("-r", "--recursive", action="store_true", help="also caption the images in subfolders")
+    p.add_argument("--output", type=Path, default=None,
+                   help="write the captions to a .jsonl, .csv or .json file (atomically) instead of stdout")
+    p.add_argument("--resume", action="store_true",
+                   help="with --output: skip the images already in that file (or in its .partial file, left by an "
+                        "interrupted run) and add the rest")
+    p.add_argument("--batch-size", type=int, default=32, help="images loaded and captioned at a time (default 32)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None,
-                   help="sample N captions per image and keep the minimum-Bayes-risk one (N times slower)")
+                   help="sample N captions per image and keep the minimum-Bayes-risk one (N times slower); "
+                        "JSON/CSV outputs list the N candidates too")
     p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
     p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
-    p.add_argument("--json", action="store_true", help="with --trajectory: JSON, as the web app's API returns it")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON records ({path, caption, ...}) instead of text (with --trajectory: each "
+                        "sample as the web app's API returns it, with its path)")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("evaluate", help="caption a split and score it (pycocoevalcap, PTB tokenisation)")
@@ -338,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")
+    p.add_argument("--on-error", choices=["skip", "fail"], default="skip",
+                   help="images that cannot be read: leave them out of the scores with a warning naming them "
+                        "(skip, default), or refuse before any work (fail)")
     p.add_argument("--allow-training-images", action="store_true",
                    help="evaluate even images the checkpoint was trained on (refused by default: leakage)")
     p.set_defaults(func=cmd_evaluate)

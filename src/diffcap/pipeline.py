@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,8 @@ class Generation:
     # per step: (t, rounded captions, per-position confidence (B, L), per-position word-piece index (B, L))
     # when a trajectory was asked for
     trajectory: list[tuple[int, list[str], torch.Tensor, torch.Tensor]]
+    # with candidates = N > 1: every image's N sampled captions (candidate k from seed + k), else empty
+    candidates: list[list[str]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -239,6 +241,7 @@ def generate(
     collapse_repeats: bool | None = None,
     end_penalty: float | None = None,
     first_index: int = 0,
+    indices: Sequence[int] | None = None,
     keep_trajectory: bool = False,
     beam_size: int | None = None,
     candidates: int | None = None,
@@ -250,6 +253,7 @@ def generate(
 
     With `candidates` = N > 1 each image is captioned N times from independent noise (candidate k from seed
     `seed + k`, so candidate 0 is the single-sample caption) and the minimum-Bayes-risk choice is returned.
+    Row i starts from the noise of index `indices[i]` (default `first_index + i`; see below).
     """
     s = model.config.sample
     steps = s.steps if steps is None else steps
@@ -290,9 +294,10 @@ def generate(
         base = s.seed if seed is None else seed
         options = dict(batch=batch, steps=steps, guidance=guidance, clamp=clamp, eta=eta, time_difference=time_difference,
                        collapse_repeats=collapse_repeats, end_penalty=end_penalty, first_index=first_index,
-                       precision=precision, solver=solver, spacing=spacing)
+                       indices=indices, precision=precision, solver=solver, spacing=spacing)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
-        return Generation([row[mbr_select(row)] for row in zip(*per_seed)], [])
+        per_image = [list(row) for row in zip(*per_seed)]
+        return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
     B = len(image) if image is not None else (batch or 1)
     base = s.seed if seed is None else seed
     generator = torch.Generator(device="cpu").manual_seed(base)  # fresh noise of eta > 0 steps
@@ -301,9 +306,11 @@ def generate(
     # Row i starts from noise seeded by (seed, first_index + i): the k-th image of a call gets the same caption
     # whatever the batch size, and different images get independent noise (a corpus score then averages
     # over many draws instead of resting on one).
+    if indices is not None and len(indices) != B:
+        raise ValueError(f"indices: {len(indices)} given for {B} rows")
+    rows = list(indices) if indices is not None else [first_index + i for i in range(B)]
     noise = torch.stack([
-        torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + first_index + i))
-        for i in range(B)
+        torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + index)) for index in rows
     ])
     model.denoiser.eval()
     if image is not None:

@@ -107,6 +107,7 @@ def load_split(
     *,
     image_root: Path | None = None,
     annotations: Path | None = None,
+    keep_missing: bool = False,
 ) -> list[ImageRecord]:
     """Read one split of a dataset.
 
@@ -116,9 +117,12 @@ def load_split(
         split: Split name, e.g. ``"train"``, ``"dev"`` or ``"test"``.
         image_root: Folder the image keys are relative to (default: see the module docstring).
         annotations: Annotation file for karpathy/jsonl/csv (default: the single matching file in ``root``).
+        keep_missing: Keep the images whose file is missing (for a caller that reports them itself, as
+            ``diffcap evaluate`` does) instead of dropping them with a warning.
 
     Returns:
-        One record per image that has at least one caption and an image file, in file order.
+        One record per image that has at least one caption and an image file (or any, with ``keep_missing``),
+        in file order.
 
     Raises:
         DatasetError: The split is not available, has no usable images, or the files are malformed.
@@ -129,7 +133,7 @@ def load_split(
             f"split '{split}' is not available in {source.location}: {source.why_absent(split)}; "
             f"available: {', '.join(source.splits) or 'none'}"
         )
-    return _build_records(split, source.splits[split], source.image_root(), source.location)
+    return _build_records(split, source.splits[split], source.image_root(), source.location, keep_missing)
 
 
 def load_all(
@@ -210,8 +214,10 @@ def _read_source(kind: str, root: Path, image_root: Path | None, annotations: Pa
     return source
 
 
-def _build_records(split: str, captions: Mapping[str, list[str]], image_root: Path, location: Path) -> list[ImageRecord]:
-    """Turn ``key -> captions`` into records, dropping images without captions or without an image file."""
+def _build_records(split: str, captions: Mapping[str, list[str]], image_root: Path, location: Path,
+                   keep_missing: bool = False) -> list[ImageRecord]:
+    """Turn ``key -> captions`` into records, dropping images without captions or (unless ``keep_missing``)
+    without an image file."""
     records: list[ImageRecord] = []
     uncaptioned: list[str] = []
     missing: list[str] = []
@@ -219,7 +225,7 @@ def _build_records(split: str, captions: Mapping[str, list[str]], image_root: Pa
         path = (image_root / key).absolute()
         if not texts:
             uncaptioned.append(key)
-        elif not path.is_file():
+        elif not keep_missing and not path.is_file():
             missing.append(key)
         else:
             records.append(ImageRecord(key=key, path=path, captions=tuple(texts)))

@@ -30,11 +30,13 @@ def default_cache_dir(dataset: str, root: Path, encoder_name: str, base: Path = 
     return base / f"{dataset}-{digest}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', encoder_name)}"
 
 
-def split_records(data: DataConfig, split: str, root: str | None = None) -> list[ImageRecord]:
+def split_records(data: DataConfig, split: str, root: str | None = None, *,
+                  keep_missing: bool = False) -> list[ImageRecord]:
     return load_split(
         data.dataset, Path(root or data.root), split,
         image_root=Path(data.image_root) if data.image_root else None,
         annotations=Path(data.annotations) if data.annotations else None,
+        keep_missing=keep_missing,
     )
 
 
