@@ -24,6 +24,14 @@ def test_tiny_preset_is_smaller_than_default() -> None:
     assert tiny.sample.steps <= tiny.diffusion.timesteps
 
 
+def test_autoregressive_preset_is_the_measured_reference_recipe() -> None:
+    """The preset must stay the `ref` row of ABLATIONS.md: BASE + the reference recipe's overrides."""
+    measured = ("model.kind=autoregressive model.grid_pool=7 train.max_minutes=20 train.eval_every=0 "
+                "model.layers=4 model.norm=pre model.init_from_backbone=false loss.label_smoothing=0.1 "
+                "train.ema_decay=0 train.warmup_steps=200").split()
+    assert load_config("autoregressive") == load_config("default", measured)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_json_round_trip(name: str) -> None:
     config = load_config(name, ["train.lr=2.5e-4", "diffusion.schedule=sqrt", "data.root=/tmp/x"])
