@@ -261,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # the sampler settings used: each flag given, or the checkpoint's own default
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
-                             "beam_size", "precision", "time_difference", "eta", "solver", "spacing")}
+                             "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length")}
     result = evaluate_records(model, usable, table, **settings)
     result = {
         "metrics": result["metrics"],
@@ -350,6 +350,33 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {len(train)} training images with the teacher's captions, {len(evaluation)} "
           f"{args.eval_split} images with their references. Train on it with:\n"
           f"  data.dataset=jsonl data.root={out} data.image_root={folder}")
+    return 0
+
+
+def cmd_fit_length(args: argparse.Namespace) -> int:
+    from diffcap.config import DataConfig
+    from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
+    from diffcap.pipeline import add_length_predictor, fit_length_predictor, load_model
+
+    model, _ = load_model(args.checkpoint)
+    if model.autoregressive:
+        raise ValueError(f"{args.checkpoint} is an autoregressive model: it ends its captions itself")
+    data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
+                      annotations=str(args.annotations or ""))
+    records = split_records(data, args.split)
+    seen = set(model.trained_on([r.key for r in records]))
+    if model.train_image_hashes is not None and len(seen) < len(records):
+        raise ValueError(f"{len(records) - len(seen)} of the {len(records)} {args.split} images were not training "
+                         f"images of {args.checkpoint}: fit the length predictor on the split the model was trained "
+                         "on, never on the one it is scored on")
+    cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, model.config.encoder.name)
+    cache = ensure_features(load_encoder(model.config.encoder.name), records, cache_root / args.split)
+    usable = [r for r in records if r.key in cache]
+    table = FeatureTable.from_cache(cache, [r.key for r in usable])
+    predictor = fit_length_predictor(model.space, table.pooled, [r.captions for r in usable])
+    add_length_predictor(args.checkpoint, predictor)
+    print(f"fitted a length predictor on {len(usable)} {args.split} images and stored it in {args.checkpoint}; "
+          "sample with it by --length predicted (or sample.length=predicted)")
     return 0
 
 
@@ -461,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=["linspace", "trailing"], default=None,
                    help="timesteps T-1..0 (linspace) or T-1..T/S-1 (trailing: no step spent at t=0) "
                         "(default: the checkpoint's)")
+    p.add_argument("--length", choices=["free", "predicted"], default=None,
+                   help="diffusion: let the denoiser end each caption (free), or fix its length from the image with "
+                        "the checkpoint's length predictor (predicted) (default: the checkpoint's sample.length)")
     p.add_argument("--shuffle-features", action="store_true",
                    help="control experiment: give every image another image's features")
     p.add_argument("--output", type=Path, default=None, help="write metrics and captions as JSON")
@@ -502,6 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-references", action="store_true", help="train on the references too, after the teacher's")
     p.add_argument("--out", type=Path, required=True, help="the jsonl to write")
     p.set_defaults(func=cmd_distill_data)
+
+    p = sub.add_parser("fit-length", help="add a caption-length predictor to a diffusion checkpoint trained "
+                                          "before training fitted one (for --length predicted)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (rewritten atomically)")
+    _add_dataset_args(p)
+    p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_fit_length)
 
     p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
     p.add_argument("config", help="base preset name or JSON file")

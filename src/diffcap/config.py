@@ -138,6 +138,9 @@ class SampleConfig:
     time_difference: int = 0  # tell the network a later t than the true one (Bit Diffusion's asymmetric steps)
     collapse_repeats: bool = True  # merge immediate repeats of a word piece when decoding ("dog dog" -> "dog")
     end_penalty: float = 0.0  # rounding margin against [SEP]/[PAD]: > 0 counters captions that end too early
+    # diffusion: "free" = the denoiser places [SEP]/[PAD] itself; "predicted" = the checkpoint's length predictor
+    # (fitted on the training images, models/length.py) fixes each caption's length from its image first
+    length: Literal["free", "predicted"] = "free"
     beam_size: int = 1  # autoregressive models: 1 = greedy decoding
     candidates: int = 1  # diffusion: sample this many captions per image and keep the minimum-Bayes-risk one
     precision: Literal["fp32", "bf16"] = "fp32"  # the network's matmuls during sampling (bf16 autocast)
@@ -428,6 +431,8 @@ def validate(config: Config) -> None:
     need(s.guidance >= 0, "sample.guidance", "must be >= 0")
     need(s.end_penalty >= 0, "sample.end_penalty", "must be >= 0")
     need(s.beam_size >= 1, "sample.beam_size", "must be >= 1 (1 = greedy)")
+    need(s.length == "free" or m.kind == "diffusion", "sample.length",
+         "the autoregressive baseline ends its captions itself: use sample.length=free")
     need(s.candidates >= 1, "sample.candidates", "must be >= 1 (1 = one sample per image)")
     need(m.kind == "diffusion" or m.grid_pool > 0, "model.grid_pool",
          "the autoregressive decoder cross-attends to the grid: grid_pool must be > 0")

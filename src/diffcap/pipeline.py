@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from diffcap.checkpoint import CheckpointError, load_checkpoint, prefixed, save_checkpoint, unprefixed
+from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_state, prefixed, save_checkpoint,
+                                unprefixed)
 from diffcap.config import Config, ConfigError
 from diffcap.diffusion.gaussian import GaussianDiffusion
 from diffcap.losses import caption_losses, decoder_losses
 from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
 from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
 from diffcap.models.guidance import conditioned
+from diffcap.models.length import LengthPredictor, caption_lengths
 from diffcap.selection import mbr_select
 from diffcap.text.retrieval import RetrievalMemory
 from diffcap.text.space import TextSpace, load_backbone
@@ -48,6 +50,7 @@ class CaptionModel:
     diffusion: GaussianDiffusion
     train_image_hashes: torch.Tensor | None = None  # (N,) image_key_hashes of the training images
     memory: RetrievalMemory | None = None  # the text slot's training-image memory (model.text_slot="retrieved")
+    lengths: LengthPredictor | None = None  # caption length from the image (sample.length="predicted")
 
     def tensors(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """What model.safetensors holds: denoiser weights (default: the live ones), text-space buffers and
@@ -58,6 +61,8 @@ class CaptionModel:
             out["data.train_image_hashes"] = self.train_image_hashes
         if self.memory is not None:
             out.update(self.memory.tensors())
+        if self.lengths is not None:
+            out.update(self.lengths.tensors())
         return out
 
     def with_text(self, image: ImageFeatures) -> ImageFeatures:
@@ -175,7 +180,12 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
     memory = RetrievalMemory.from_tensors(tensors)
     if config.model.text_slot == "retrieved" and memory is None:
         raise CheckpointError(f"{directory}: the model has a retrieval text slot but the checkpoint holds no memory")
-    return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes"), memory), meta
+    try:
+        lengths = LengthPredictor.from_tensors(tensors)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: its length predictor is damaged ({exc})") from exc
+    return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes"), memory,
+                        lengths), meta
 
 
 def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Tensor, image: ImageFeatures,
@@ -202,6 +212,27 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
         pred_1 = model.diffusion.training_prediction(fn, x0, torch.zeros_like(t), torch.randn_like(x0), False)
     return caption_losses(pred, ids, model.space, lc, pred_1=pred_1, latent_target=model.diffusion.target != "eps",
                           rounding_weight=rounding_weight, table=table)
+
+
+def fit_length_predictor(space: TextSpace, pooled: torch.Tensor, captions: Sequence[Sequence[str]]) -> LengthPredictor:
+    """P(caption length | image) from the training images' pooled features (M, Dp) and their captions (M lists),
+    measured in this text space's word pieces (models/length.py)."""
+    owners = torch.tensor([i for i, cs in enumerate(captions) for _ in cs], dtype=torch.long)
+    ids = space.encode([c for cs in captions for c in cs])
+    return LengthPredictor.fit(pooled, caption_lengths(ids, space.sep_index), owners, space.max_length)
+
+
+def add_length_predictor(directory: Path, predictor: LengthPredictor) -> Path:
+    """Store `predictor` in an existing checkpoint (replacing any it had), rewritten atomically; its weights and
+    training state are kept as they are, so a run resumes from it exactly as before."""
+    directory = Path(directory)
+    config, meta, tensors = load_checkpoint(directory)
+    train_meta, train_tensors = load_train_state(directory) if (directory / "train_state.json").exists() \
+        else (None, None)
+    tensors = {k: v for k, v in tensors.items() if not k.startswith("length.")} | predictor.tensors()
+    return save_checkpoint(directory, config_json=json.dumps(config, indent=2, sort_keys=True),
+                           meta={k: v for k, v in meta.items() if k != "format_version"}, tensors=tensors,
+                           train_tensors=train_tensors, train_meta=train_meta)
 
 
 def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:
@@ -248,12 +279,14 @@ def generate(
     precision: str | None = None,
     solver: str | None = None,
     spacing: str | None = None,
+    length: str | None = None,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None).
 
     With `candidates` = N > 1 each image is captioned N times from independent noise (candidate k from seed
     `seed + k`, so candidate 0 is the single-sample caption) and the minimum-Bayes-risk choice is returned.
     Row i starts from the noise of index `indices[i]` (default `first_index + i`; see below).
+    `length="predicted"` fixes each caption's length from its image (the checkpoint's length predictor).
     """
     s = model.config.sample
     steps = s.steps if steps is None else steps
@@ -268,6 +301,9 @@ def generate(
     precision = s.precision if precision is None else precision
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    length = s.length if length is None else length
+    if length not in ("free", "predicted"):
+        raise ValueError(f"length must be free or predicted, got {length!r}")
     device = next(model.denoiser.parameters()).device
     # bf16 autocast runs the network's matmuls in bf16 (about 2.4x the fp32 rate on recent CPUs); the
     # sampler's arithmetic and the rounding stay in fp32
@@ -294,7 +330,7 @@ def generate(
         base = s.seed if seed is None else seed
         options = dict(batch=batch, steps=steps, guidance=guidance, clamp=clamp, eta=eta, time_difference=time_difference,
                        collapse_repeats=collapse_repeats, end_penalty=end_penalty, first_index=first_index,
-                       indices=indices, precision=precision, solver=solver, spacing=spacing)
+                       indices=indices, precision=precision, solver=solver, spacing=spacing, length=length)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
         per_image = [list(row) for row in zip(*per_seed)]
         return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
@@ -313,6 +349,14 @@ def generate(
         torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + index)) for index in rows
     ])
     model.denoiser.eval()
+    lengths = None
+    if length == "predicted":
+        if model.lengths is None:
+            raise ValueError("this checkpoint has no length predictor (trained before it existed): "
+                             "sample with length=free (--length free)")
+        if image is None:
+            raise ValueError("a predicted length needs an image: unconditional sampling uses length=free")
+        lengths = model.lengths.predict(image.pooled).clamp(max=model.space.max_length - 1)
     if image is not None:
         image = model.with_text(image)
     network = conditioned(model.denoiser, image, guidance)
@@ -325,7 +369,8 @@ def generate(
         denoise,
         shape,
         steps,
-        denoised_fn=(lambda x0: model.space.clamp(x0, penalty, table)) if clamp else None,
+        denoised_fn=(lambda x0: model.space.clamp(x0, penalty, table, lengths)) if clamp
+        else (lambda x0: model.space.fix_length(x0, lengths, table)) if lengths is not None else None,
         self_condition=model.denoiser.shape.self_condition,
         eta=s.eta if eta is None else eta,
         time_difference=s.time_difference if time_difference is None else time_difference,
@@ -336,7 +381,7 @@ def generate(
         solver=s.solver if solver is None else solver,
         spacing=s.spacing if spacing is None else spacing,
     )
-    ids = model.space.round(result.x0, penalty, table)
+    ids = model.space.round(result.x0, penalty, table, lengths)
     trajectory = []
     for t, x0_hat in result.trajectory:
         probs = model.space.logits(x0_hat, table).softmax(-1)

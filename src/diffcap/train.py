@@ -44,6 +44,7 @@ from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_feature
 from diffcap.evaluate import evaluate_records
 from diffcap.losses import DynamicRoundingWeight
 from diffcap.models.denoiser import ImageFeatures
+from diffcap.models.length import LengthPredictor, caption_lengths
 from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, training_losses
 from diffcap.text.retrieval import RetrievalMemory
 
@@ -287,6 +288,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         if unknown:
             log.warning("%d word pieces of the training captions are outside the vocabulary of %s: trained as "
                         "[UNK]", unknown, tr.init_from)
+    if not model.autoregressive:  # P(length | image) for sample.length="predicted": deterministic, seconds
+        model.lengths = LengthPredictor.fit(train_table.pooled, caption_lengths(data.ids, model.space.sep_index),
+                                            rows, config.text.max_length)
     if config.model.text_slot == "retrieved":  # every process builds the same memory
         model.memory = RetrievalMemory.build(config.text.backbone, train_table.pooled,
                                              [r.captions for r in train_records],

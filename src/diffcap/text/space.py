@@ -220,21 +220,44 @@ class TextSpace(nn.Module):
             half_sq_norm = 0.5 * table.float().square().sum(-1)
         return (latents @ table.to(latents.dtype).T).float() - half_sq_norm
 
-    def round(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None) -> torch.Tensor:
+    def round(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Nearest word piece at each position: (B, L, D) -> (B, L).
 
         `end_penalty` > 0 makes [SEP]/[PAD] win only by that margin of logit. An uncertain x0 prediction is
         pulled towards the centre of the space, where [PAD] lies (one of the embeddings nearest the origin),
-        so without it captions tend to end early.
+        so without it captions tend to end early. `lengths` (B,) fixes each caption's length instead: word
+        pieces (never [SEP]/[PAD]) before it, [SEP] at it, [PAD] after.
         """
         logits = self.logits(latents, table)
         if end_penalty:
             logits[..., [self.sep_index, self.pad_index]] -= end_penalty
+        if lengths is not None:
+            logits[self.length_mask(lengths, logits.shape[1]).to(logits.device)] = -float("inf")
         return logits.argmax(-1)
 
-    def clamp(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None) -> torch.Tensor:
+    def length_mask(self, lengths: torch.Tensor, positions: int) -> torch.Tensor:
+        """(B, L, V) True where a word piece is ruled out by the caption lengths (B,)."""
+        if lengths.ndim != 1 or int(lengths.min()) < 1 or int(lengths.max()) >= positions:
+            raise ValueError(f"caption lengths must be 1 .. {positions - 1} word pieces, one per caption")
+        where = torch.arange(positions).unsqueeze(0) - lengths.cpu().unsqueeze(1)  # (B, L): < 0 words, 0 [SEP]
+        allowed = torch.zeros(len(lengths), positions, self.vocab_size, dtype=torch.bool)
+        allowed[..., :] = (where < 0).unsqueeze(-1)
+        allowed[..., self.sep_index] = where == 0
+        allowed[..., self.pad_index] = where > 0
+        return ~allowed
+
+    def clamp(self, latents: torch.Tensor, end_penalty: float = 0.0, table: torch.Tensor | None = None,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Snap every position to its nearest word embedding (the sampler's `denoised_fn`)."""
-        return self.embed(self.round(latents, end_penalty, table), table).to(latents.dtype)
+        return self.embed(self.round(latents, end_penalty, table, lengths), table).to(latents.dtype)
+
+    def fix_length(self, latents: torch.Tensor, lengths: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents with [SEP] at each caption's length and [PAD] after it; the word positions untouched
+        (the sampler's `denoised_fn` with a fixed length and no clamping)."""
+        where = (torch.arange(latents.shape[1]).unsqueeze(0) - lengths.cpu().unsqueeze(1)).to(latents.device)
+        ends = torch.where(where == 0, self.sep_index, self.pad_index)
+        return torch.where((where >= 0).unsqueeze(-1), self.embed(ends, table).to(latents.dtype), latents)
 
     def decode(self, ids: torch.Tensor, collapse_repeats: bool = False) -> list[str]:
         """(B, L) indices -> captions, cut at the first [SEP]/[PAD], with no special tokens.
