@@ -262,7 +262,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
                              "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length")}
-    result = evaluate_records(model, usable, table, **settings)
+    reranker = None
+    if args.rerank is not None:
+        reranker, _ = load_model(args.rerank)
+        if not reranker.autoregressive or reranker.config.encoder.name != model.config.encoder.name:
+            raise ValueError(f"--rerank {args.rerank}: needs an autoregressive model on the same image features "
+                             f"({model.config.encoder.name})")
+        if settings["candidates"] < 2:
+            raise ValueError("--rerank chooses among several samples: give --candidates N (N >= 2)")
+    result = evaluate_records(model, usable, table, reranker=reranker, **settings)
+    settings["rerank"] = None if args.rerank is None else str(args.rerank)
     result = {
         "metrics": result["metrics"],
         "unavailable": result["unavailable"],
@@ -488,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=["linspace", "trailing"], default=None,
                    help="timesteps T-1..0 (linspace) or T-1..T/S-1 (trailing: no step spent at t=0) "
                         "(default: the checkpoint's)")
+    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
+                   help="with --candidates N: keep the candidate this autoregressive model finds most likely "
+                        "instead of the minimum-Bayes-risk one")
     p.add_argument("--length", choices=["free", "predicted"], default=None,
                    help="diffusion: let the denoiser end each caption (free), or fix its length from the image with "
                         "the checkpoint's length predictor (predicted) (default: the checkpoint's sample.length)")

@@ -214,6 +214,26 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
                           rounding_weight=rounding_weight, table=table)
 
 
+@torch.no_grad()
+def caption_log_likelihood(model: CaptionModel, image: ImageFeatures, captions: Sequence[str]) -> torch.Tensor:
+    """(B,) mean log-probability per word piece (its [SEP] included) of caption i given image i, under an
+    autoregressive model; an empty caption scores -inf. Words outside its vocabulary count as [UNK]."""
+    if not model.autoregressive:
+        raise ValueError("captions are scored by an autoregressive model (model.kind=autoregressive)")
+    if len(captions) != len(image):
+        raise ValueError(f"{len(captions)} captions for {len(image)} images")
+    empty = torch.tensor([not c.strip() for c in captions])
+    ids = model.space.encode([c if c.strip() else "." for c in captions])
+    decoder = model.denoiser
+    decoder.eval()
+    device = next(decoder.parameters()).device
+    ids = ids.to(device)
+    logp = decoder(ids, image.to(device)).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    counted = (ids != model.space.pad_index).float()  # the pieces and [SEP]
+    scores = (logp * counted).sum(-1) / counted.sum(-1)
+    return scores.cpu().masked_fill(empty, -float("inf"))
+
+
 def fit_length_predictor(space: TextSpace, pooled: torch.Tensor, captions: Sequence[Sequence[str]]) -> LengthPredictor:
     """P(caption length | image) from the training images' pooled features (M, Dp) and their captions (M lists),
     measured in this text space's word pieces (models/length.py)."""
@@ -280,6 +300,7 @@ def generate(
     solver: str | None = None,
     spacing: str | None = None,
     length: str | None = None,
+    reranker: CaptionModel | None = None,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None).
 
@@ -287,6 +308,8 @@ def generate(
     `seed + k`, so candidate 0 is the single-sample caption) and the minimum-Bayes-risk choice is returned.
     Row i starts from the noise of index `indices[i]` (default `first_index + i`; see below).
     `length="predicted"` fixes each caption's length from its image (the checkpoint's length predictor).
+    `reranker`: an autoregressive model on the same image features; with candidates > 1 the candidate it finds
+    most likely (mean log-probability per word piece) is returned instead of the minimum-Bayes-risk one.
     """
     s = model.config.sample
     steps = s.steps if steps is None else steps
@@ -333,7 +356,11 @@ def generate(
                        indices=indices, precision=precision, solver=solver, spacing=spacing, length=length)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
         per_image = [list(row) for row in zip(*per_seed)]
-        return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
+        if reranker is None or image is None:
+            return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
+        scores = caption_log_likelihood(reranker, image.repeat(n), [c for k in range(n) for c in per_seed[k]])
+        best = scores.view(n, -1).argmax(0).tolist()  # candidate k of image i is row k * B + i
+        return Generation([row[k] for row, k in zip(per_image, best)], [], per_image)
     B = len(image) if image is not None else (batch or 1)
     base = s.seed if seed is None else seed
     generator = torch.Generator(device="cpu").manual_seed(base)  # fresh noise of eta > 0 steps
