@@ -99,3 +99,42 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny
     assert not different, f"resumed run differs from the uninterrupted one in {len(different)} tensors: {different[:5]}"
     assert meta == expected_meta  # epoch, data position, RNG states, optimizer settings
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no leftovers of killed saves
+
+
+def test_a_run_split_into_sittings_is_the_run_that_never_stopped(tiny_setup: dict, tmp_path: Path) -> None:
+    """`train --stop-after MINUTES` then `--resume`, many times over (a long run across several sittings): the
+    result is bit-identical to one uninterrupted run, and the snapshots taken along the way are checkpoints."""
+    from diffcap.pipeline import load_model
+    from diffcap.train import train
+
+    steps = 30
+    config = tiny_setup["config"](**{"train.max_steps": steps, "train.save_every": 1000})
+    reference = train(config, tmp_path / "reference", progress=False)
+
+    config = tiny_setup["config"](**{"train.max_steps": steps, "train.save_every": 1000,
+                                     "train.snapshot_minutes": 0.0005})
+    run, sittings, steps_seen = tmp_path / "sittings", 0, []
+    while sittings < 200:
+        ckpt = train(config, run, resume=sittings > 0, progress=False, stop_after_minutes=0.002)
+        sittings += 1
+        meta = json.loads((ckpt / "meta.json").read_text())
+        steps_seen.append(meta["step"])
+        if meta.get("finished"):
+            break
+    assert meta["step"] == steps and len(steps_seen) >= 3, steps_seen  # it really was split
+    assert steps_seen == sorted(steps_seen)
+    expected_meta, expected = _final_state(reference)
+    got_meta, got = _final_state(ckpt)
+    different = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not different, f"the run in {sittings} sittings differs in {len(different)} tensors: {different[:5]}"
+    assert got_meta == expected_meta
+    snapshots = sorted((run / "snapshots").iterdir())
+    assert snapshots, "no snapshot was kept"
+    minutes = [json.loads((s / "meta.json").read_text())["training_minutes"] for s in snapshots]
+    assert minutes == sorted(minutes)
+    for snapshot in snapshots[:2]:
+        assert not (snapshot / "train_state.json").exists()
+        model, meta = load_model(snapshot)
+        assert int(snapshot.name.split("-")[1]) == meta["step"] <= steps
+    with pytest.raises(ValueError, match="must be > 0"):
+        train(config, run, resume=True, progress=False, stop_after_minutes=0)

@@ -70,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         diffs = config.differences(base)
         suffix = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(diffs.items()) if not k.startswith("data."))
         args.run_dir = Path("runs") / (Path(args.config).stem + (f"-{suffix}" if suffix else ""))
-    checkpoint = train(config, args.run_dir, resume=args.resume)
+    checkpoint = train(config, args.run_dir, resume=args.resume, stop_after_minutes=args.stop_after)
     if int(os.environ.get("RANK", "0")) == 0:  # under `accelerate launch`: once, not once per process
         print(f"checkpoint: {checkpoint}")
     return 0
@@ -433,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.lr=1e-4 model.layers=4")
     p.add_argument("--run-dir", type=Path, default=None, help="default: runs/<config>-<differences to its preset>")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--stop-after", type=float, default=None, metavar="MINUTES",
+                   help="end this process after MINUTES of wall time with a resumable checkpoint; the run's "
+                        "schedule still follows train.max_minutes, counted across sittings (continue with --resume)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

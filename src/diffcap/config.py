@@ -182,6 +182,9 @@ class TrainConfig:
     eval_every: int = 1000  # steps between dev evaluations (0 = only at the end)
     eval_limit: int = 250  # dev images per periodic evaluation
     save_every: int = 500
+    # > 0: also keep the weights (EMA, no training state) every this many minutes of training time, under
+    # <run dir>/snapshots/step-NNNNNN: checkpoints to score afterwards for a quality-vs-training-time curve
+    snapshot_minutes: float = 0.0
     log_every: int = 25
     num_workers: int = 0
     # Steps with a non-finite loss or gradient are skipped (no update); this many in a row stop the run.
@@ -426,6 +429,7 @@ def validate(config: Config) -> None:
     need(tr.max_minutes > 0, "train.max_minutes", "must be > 0")
     need(tr.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     need(tr.save_every >= 1, "train.save_every", "must be >= 1")
+    need(tr.snapshot_minutes >= 0, "train.snapshot_minutes", "must be >= 0 (0 = no snapshots)")
     need(tr.log_every >= 1, "train.log_every", "must be >= 1")
     need(1 <= s.steps <= d.timesteps, "sample.steps", f"must be between 1 and diffusion.timesteps={d.timesteps}")
     need(s.guidance >= 0, "sample.guidance", "must be >= 0")

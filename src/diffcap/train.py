@@ -219,6 +219,19 @@ def save_run_checkpoint(run_dir: Path, model: CaptionModel, ema: torch.nn.Module
     )
 
 
+def save_snapshot(run_dir: Path, model: CaptionModel, ema: torch.nn.Module, state: dict[str, Any],
+                  encoder_identity: dict[str, Any]) -> Path:
+    """The averaged weights as they are now, as a checkpoint without training state (to evaluate later):
+    <run dir>/snapshots/step-NNNNNN, its meta recording the minutes of training behind it."""
+    return save_checkpoint(
+        run_dir / "snapshots" / f"step-{state['step']:06d}",
+        config_json=model.config.to_json(),
+        meta={**model.meta(), "encoder": encoder_identity, "step": state["step"], "weights": "ema",
+              "training_minutes": round(state["elapsed"] / 60, 2)},
+        tensors=model.tensors(ema.state_dict()),
+    )
+
+
 def features_root(config: Config) -> Path:
     if config.data.cache_dir:
         return Path(config.data.cache_dir)
@@ -241,11 +254,20 @@ def prepare_data(config: Config, split: str, cache_root: Path, state: Any | None
     return usable, FeatureTable.from_cache(cache, [r.key for r in usable])
 
 
-def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True) -> Path:
+def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
+          stop_after_minutes: float | None = None) -> Path:
+    """Train (or with `resume`, continue) the run in `run_dir`; returns its checkpoint directory.
+
+    `stop_after_minutes` ends this process's share of the run after that much wall time with a resumable
+    checkpoint, without changing the run itself: the learning-rate schedule follows `train.max_minutes` of
+    training time counted across every process that works on the run, so a run split into sittings with
+    `--resume` is the same run as one that never stopped."""
     from accelerate import Accelerator
     from torch.utils.tensorboard import SummaryWriter
 
     tr = config.train
+    if stop_after_minutes is not None and not stop_after_minutes > 0:
+        raise ValueError(f"stop after {stop_after_minutes} minutes: must be > 0")
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoint"
     precision = "bf16" if tr.precision == "bf16" else "no"
@@ -388,10 +410,17 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         raise ValueError(f"{len(data.rows)} training captions cannot be shared among {world} processes")
     budget = tr.max_minutes * 60
     started = time.perf_counter() - state["elapsed"]
+    sitting = time.perf_counter()
+
+    def sitting_over() -> bool:
+        return stop_after_minutes is not None and time.perf_counter() - sitting >= stop_after_minutes * 60
+
+    snapshot_every = tr.snapshot_minutes * 60
+    last_mark = int(state["elapsed"] // snapshot_every) if snapshot_every else 0
     bar = tqdm(total=tr.max_steps, initial=state["step"], desc="training", unit="step",
                disable=not (progress and accelerator.is_main_process))
     last_log, seen_since_log = time.perf_counter(), 0
-    while state["step"] < tr.max_steps and time.perf_counter() - started < budget:
+    while state["step"] < tr.max_steps and time.perf_counter() - started < budget and not sitting_over():
         order = shard_order(len(data.rows), tr.seed, state["epoch"], rank, world)
         while state["position"] < len(order):  # the last batch of an epoch may be smaller
             batch = order[state["position"]: state["position"] + tr.batch_size]
@@ -472,7 +501,11 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 log.info("step %d dev BLEU-4 %.1f CIDEr %.1f", step, metrics["BLEU-4"], metrics["CIDEr"])
             if step % tr.save_every == 0:
                 checkpoint()
-            if step >= tr.max_steps or time.perf_counter() - started >= budget:
+            if snapshot_every and int(state["elapsed"] // snapshot_every) > last_mark:
+                last_mark = int(state["elapsed"] // snapshot_every)
+                if accelerator.is_main_process:
+                    save_snapshot(run_dir, model, ema, state, encoder_identity)
+            if step >= tr.max_steps or time.perf_counter() - started >= budget or sitting_over():
                 break
         else:
             state["epoch"] += 1
@@ -483,9 +516,14 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             continue
         break
     bar.close()
-    checkpoint({"finished": True})
+    finished = state["step"] >= tr.max_steps or time.perf_counter() - started >= budget
+    checkpoint({"finished": True} if finished else None)
     accelerator.wait_for_everyone()  # every process returns once the checkpoint is complete
-    if eval_table is not None and accelerator.is_main_process:
+    if not finished:
+        log.info("stopped this sitting after %.1f minutes at step %d (%.1f of the run's %.0f minutes of training); "
+                 "continue it with --resume", (time.perf_counter() - sitting) / 60, state["step"],
+                 state["elapsed"] / 60, tr.max_minutes)
+    if finished and eval_table is not None and accelerator.is_main_process:
         metrics = evaluate(tr.eval_limit)
         with open(run_dir / "evals.jsonl", "a") as f:
             f.write(json.dumps({"step": state["step"], "elapsed": round(state["elapsed"], 1), "final": True, **metrics}) + "\n")
