@@ -31,7 +31,8 @@ for snap in sorted(run.glob("snapshots/step-*")) + [run / "checkpoint"]:
         minutes = round(json.loads((snap / "train_state.json").read_text())["elapsed"] / 60, 1)
     rows.append((minutes, meta["step"], m["BLEU-4"], m["METEOR"], m["CIDEr"]))
 lines = ["| training minutes | steps | BLEU-4 | METEOR | CIDEr |", "|---|---|---|---|---|"]
-lines += [f"| {a:.0f} | {b:,} | {c:.1f} | {d:.1f} | {e:.1f} |" for a, b, c, d, e in sorted(set(rows))]
+by_step = {row[1]: row for row in rows}  # a snapshot at the last step is the run's checkpoint
+lines += [f"| {a:.0f} | {b:,} | {c:.1f} | {d:.1f} | {e:.1f} |" for a, b, c, d, e in sorted(by_step.values())]
 (run / "curve.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
