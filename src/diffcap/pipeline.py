@@ -383,7 +383,7 @@ def generate(
                              "sample with length=free (--length free)")
         if image is None:
             raise ValueError("a predicted length needs an image: unconditional sampling uses length=free")
-        lengths = model.lengths.predict(image.pooled).clamp(max=model.space.max_length - 1)
+        lengths = model.lengths.predict(image.pooled)
     if image is not None:
         image = model.with_text(image)
     network = conditioned(model.denoiser, image, guidance)

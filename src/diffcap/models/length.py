@@ -70,9 +70,9 @@ class LengthPredictor:
         logits[:, 0] = -float("inf")
         return logits.log_softmax(-1)
 
-    def predict(self, pooled: torch.Tensor, shift: int = 0) -> torch.Tensor:
-        """(B,) the most likely length of each image's caption, plus `shift`, kept in 1 .. max_length - 1."""
-        return (self.logits(pooled).argmax(-1) + shift).clamp(1, self.max_length - 1)
+    def predict(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B,) the most likely length of each image's caption (1 .. max_length - 1)."""
+        return self.logits(pooled).argmax(-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"length.mean": self.mean, "length.std": self.std, "length.weight": self.weight,
