@@ -3,12 +3,14 @@ was never interrupted (RELIABILITY.md)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -101,7 +103,8 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(tiny
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no leftovers of killed saves
 
 
-def test_a_run_split_into_sittings_is_the_run_that_never_stopped(tiny_setup: dict, tmp_path: Path) -> None:
+def test_a_run_split_into_sittings_is_the_run_that_never_stopped(tiny_setup: dict, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`train --stop-after MINUTES` then `--resume`, many times over (a long run across several sittings): the
     result is bit-identical to one uninterrupted run, and the snapshots taken along the way are checkpoints."""
     from diffcap.pipeline import load_model
@@ -112,7 +115,10 @@ def test_a_run_split_into_sittings_is_the_run_that_never_stopped(tiny_setup: dic
     reference = train(config, tmp_path / "reference", progress=False)
 
     config = tiny_setup["config"](**{"train.max_steps": steps, "train.save_every": 1000,
-                                     "train.snapshot_minutes": 0.0005})
+                                     "train.snapshot_minutes": 0.001})
+    # a clock that ticks 10 ms per reading, so the sittings split the run the same way on a fast or a slow machine
+    ticks = itertools.count()
+    monkeypatch.setattr("diffcap.train.time", types.SimpleNamespace(perf_counter=lambda: next(ticks) * 0.01))
     run, sittings, steps_seen = tmp_path / "sittings", 0, []
     while sittings < 200:
         ckpt = train(config, run, resume=sittings > 0, progress=False, stop_after_minutes=0.002)
