@@ -75,3 +75,31 @@ def test_evaluate_rerank_flag(tiny_checkpoint: Path, ar_checkpoint: Path, shapes
     assert "--candidates N" in capsys.readouterr().err
     assert main(["evaluate", *common, "--candidates", "2", "--rerank", str(tiny_checkpoint)]) != 0
     assert "needs an autoregressive model" in capsys.readouterr().err
+
+
+def test_caption_rerank(tiny_checkpoint: Path, ar_checkpoint: Path, shapes_jsonl: Path, capsys) -> None:
+    """`Captioner(..., rerank=AR)` and `diffcap caption --rerank AR --candidates N` keep, for each image, the
+    candidate the autoregressive model finds most likely."""
+    from diffcap.captioner import Captioner
+    from diffcap.cli import main
+
+    images = sorted((shapes_jsonl.parent / "images").glob("dev_*.png"))[:3]
+    captioner = Captioner.from_pretrained(tiny_checkpoint, rerank=ar_checkpoint)
+    results = list(captioner.caption_stream(images, steps=2, candidates=3))
+    ar, _ = load_model(ar_checkpoint)
+    for path, result in zip(images, results):
+        assert len(result.candidates) == 3
+        image = captioner.features([path] * 3)
+        scores = caption_log_likelihood(ar, image, result.candidates)
+        assert result.caption == result.candidates[int(scores.argmax())]
+    with pytest.raises(ValueError, match="several samples"):
+        captioner.caption(images, steps=2)
+
+    args = ["caption", "--checkpoint", str(tiny_checkpoint), *map(str, images), "--steps", "2", "--json"]
+    assert main([*args, "--candidates", "3", "--rerank", str(ar_checkpoint)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["caption"] for r in printed] == [r.caption for r in results]
+    assert main([*args, "--rerank", str(ar_checkpoint)]) != 0
+    assert "--candidates N" in capsys.readouterr().err
+    assert main([*args, "--candidates", "2", "--rerank", str(tiny_checkpoint)]) != 0
+    assert "needs an autoregressive model" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from diffcap.checkpoint import CheckpointError
 from diffcap.data.images import ImageLoadError, load_image
 from diffcap.encoders.base import ImageEncoder, build_encoder
 from diffcap.models.denoiser import ImageFeatures
-from diffcap.pipeline import CaptionModel, Generation, generate, load_model
+from diffcap.pipeline import CaptionModel, Generation, generate, load_model, load_reranker
 
 ImageInput = str | Path | Image.Image
 Errors = Literal["raise", "skip"]
@@ -115,13 +115,18 @@ def format_trajectory(steps: Sequence[TrajectoryStep], *, confidence: bool = Fal
 
 
 class Captioner:
-    def __init__(self, model: CaptionModel, encoder: ImageEncoder) -> None:
+    def __init__(self, model: CaptionModel, encoder: ImageEncoder, reranker: CaptionModel | None = None) -> None:
+        """`reranker`: an autoregressive model on the same image features; with candidates = N > 1 it keeps the
+        candidate it finds most likely instead of the minimum-Bayes-risk one (`load_reranker`)."""
         self.model = model
         self.encoder = encoder
+        self.reranker = reranker
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> Captioner:
-        """Rebuild the model and its image encoder from a checkpoint directory."""
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        rerank: str | Path | None = None) -> Captioner:
+        """Rebuild the model and its image encoder from a checkpoint directory (and the autoregressive model at
+        `rerank`, if given, to choose among candidates)."""
         model, meta = load_model(Path(directory))
         encoder = build_encoder(model.config.encoder.name)
         expected = meta.get("encoder")
@@ -130,10 +135,13 @@ class Captioner:
                 f"{directory} was trained on features of a different image encoder or preprocessing than "
                 f"{model.config.encoder.name!r} provides here (stored {expected}, found {encoder.identity()})"
             )
-        model.denoiser.to(device)
-        model.space.to(device)
+        reranker = None if rerank is None else load_reranker(Path(rerank), model, meta)
+        for m in (model, reranker):
+            if m is not None:
+                m.denoiser.to(device)
+                m.space.to(device)
         encoder.to(device)
-        return cls(model, encoder)
+        return cls(model, encoder, reranker)
 
     @torch.no_grad()
     def features(self, images: Sequence[ImageInput]) -> ImageFeatures:
@@ -147,7 +155,8 @@ class Captioner:
                 guidance: float | None = None, batch_size: int = 32, seed: int | None = None,
                 candidates: int | None = None, errors: Errors = "raise") -> list[str | None]:
         """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config.
-        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one.
+        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one (or, with a
+        reranker, the one it finds most likely).
 
         `errors="raise"` (default): an image that cannot be loaded raises ImageLoadError naming it and why.
         `errors="skip"`: its caption is None, a warning names it and its reason, and every other image is
@@ -179,6 +188,8 @@ class Captioner:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.reranker is not None and (self.model.config.sample.candidates if candidates is None else candidates) < 2:
+            raise ValueError("re-ranking chooses among several samples: give candidates N (N >= 2)")
         order = iter(indices) if indices is not None else None
         batch: list[tuple[int, ImageInput]] = []
         for k, image in enumerate(images):
@@ -202,7 +213,8 @@ class Captioner:
                 results.append(CaptionResult(name, None, exc.reason))
         if loaded:
             gen = generate(self.model, self.features([image for _, image in loaded]), steps=steps, guidance=guidance,
-                           seed=seed, indices=[index for index, _ in loaded], candidates=candidates)
+                           seed=seed, indices=[index for index, _ in loaded], candidates=candidates,
+                           reranker=self.reranker)
             ok = [r for r in results if r.ok]
             for k, result in enumerate(ok):
                 result.caption = gen.captions[k]

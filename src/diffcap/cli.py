@@ -113,6 +113,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     if args.candidates is not None and args.trajectory:
         raise ValueError("--trajectory follows one sample: leave out --candidates")
+    if args.rerank is not None and (args.candidates is None or args.candidates < 2):
+        raise ValueError("--rerank chooses among several samples: give --candidates N (N >= 2)")
     if args.resume and args.output is None:
         raise ValueError("--resume continues an --output file: give --output too")
     if args.output is not None:
@@ -129,7 +131,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     out = CaptionFile(args.output, resume=args.resume) if args.output is not None else None
     # each image keeps its index in the whole collection (its noise seed), resumed or not
     todo = [(k, path) for k, path in enumerate(found.images) if out is None or path not in out.done]
-    captioner = Captioner.from_pretrained(checkpoint)
+    captioner = Captioner.from_pretrained(checkpoint, rerank=args.rerank)
 
     def results() -> Iterator[CaptionResult | tuple[CaptionResult, list[Any]]]:
         if not args.trajectory:
@@ -222,7 +224,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, split_records
     from diffcap.evaluate import evaluate_records
     from diffcap.metrics import format_table
-    from diffcap.pipeline import load_model
+    from diffcap.pipeline import load_model, load_reranker
     from diffcap.encoders.base import build_encoder
 
     from diffcap.app import resolve_checkpoint
@@ -264,10 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length")}
     reranker = None
     if args.rerank is not None:
-        reranker, _ = load_model(args.rerank)
-        if not reranker.autoregressive or reranker.config.encoder.name != model.config.encoder.name:
-            raise ValueError(f"--rerank {args.rerank}: needs an autoregressive model on the same image features "
-                             f"({model.config.encoder.name})")
+        reranker = load_reranker(args.rerank, model, meta)
         if settings["candidates"] < 2:
             raise ValueError("--rerank chooses among several samples: give --candidates N (N >= 2)")
     result = evaluate_records(model, usable, table, reranker=reranker, **settings)
@@ -462,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=None,
                    help="sample N captions per image and keep the minimum-Bayes-risk one (N times slower); "
                         "JSON/CSV outputs list the N candidates too")
+    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
+                   help="with --candidates N: keep the candidate this autoregressive model (trained on the same "
+                        "image features) finds most likely instead of the minimum-Bayes-risk one")
     p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
     p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
     p.add_argument("--json", action="store_true",

@@ -188,6 +188,19 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
                         lengths), meta
 
 
+def load_reranker(directory: Path, model: CaptionModel, model_meta: dict[str, Any] | None = None) -> CaptionModel:
+    """The autoregressive model at `directory`, checked to read the same image features as `model` (whose
+    checkpoint meta is `model_meta`), for choosing among `model`'s samples (`generate(reranker=...)`)."""
+    reranker, meta = load_model(directory)
+    same = reranker.config.encoder.name == model.config.encoder.name and (
+        model_meta is None or None in (meta.get("encoder"), model_meta.get("encoder"))
+        or meta.get("encoder") == model_meta.get("encoder"))
+    if not reranker.autoregressive or not same:
+        raise ValueError(f"--rerank {directory}: needs an autoregressive model on the same image features "
+                         f"({model.config.encoder.name})")
+    return reranker
+
+
 def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Tensor, image: ImageFeatures,
                     keep: torch.Tensor, self_condition: bool,
                     rounding_weight: float | None = None) -> dict[str, torch.Tensor]:
