@@ -340,3 +340,21 @@ def test_init_from_backbone_decides_the_blocks_not_the_embeddings(kind: str) -> 
         torch.testing.assert_close(net.embed_norm.weight, state["embeddings.LayerNorm.weight"])
     if kind == "autoregressive":  # the tied word table is the text space's, from the backbone
         torch.testing.assert_close(random.embed.weight, pretrained.embed.weight)
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "expected"), [(False, False, "fp32"), (True, False, "bf16"),
+                                                              (False, True, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_bf16_natively(
+        monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: str) -> None:
+    """Emulated bf16 autocast is about 4x slower than fp32 on a CPU without AVX512-BF16 or AMX (BENCHMARKS.md),
+    so train.precision=auto (the default) only picks bf16 where the hardware has it; an explicit choice stands."""
+    from diffcap.train import resolve_precision
+
+    assert load_config("default").train.precision == "auto"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ConfigError):
+        load_config("default", ["train.precision=fp16"])

@@ -254,6 +254,26 @@ def prepare_data(config: Config, split: str, cache_root: Path, state: Any | None
     return usable, FeatureTable.from_cache(cache, [r.key for r in usable])
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or an x86 CPU with
+    AVX512-BF16 or AMX. Elsewhere bf16 autocast is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(requested: str, device: torch.device | None = None) -> str:
+    """`train.precision` as used: "auto" becomes "bf16" where the hardware has native bf16 matmuls, else "fp32"."""
+    if requested != "auto":
+        return requested
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool = True,
           stop_after_minutes: float | None = None) -> Path:
     """Train (or with `resume`, continue) the run in `run_dir`; returns its checkpoint directory.
@@ -270,7 +290,10 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         raise ValueError(f"stop after {stop_after_minutes} minutes: must be > 0")
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoint"
-    precision = "bf16" if tr.precision == "bf16" else "no"
+    precision = "bf16" if resolve_precision(tr.precision) == "bf16" else "no"
+    if tr.precision == "auto":
+        log.info("train.precision=auto: %s", "bf16 autocast (native bf16 matmuls)" if precision == "bf16"
+                 else "fp32 (no native bf16 matmuls on this hardware)")
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
