@@ -179,7 +179,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     # bf16 autocast of the network's matmuls, or fp32. "auto": bf16 where the hardware multiplies bf16 natively
     # (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX, where it is about 2x faster), else fp32 (on
-    # a CPU without them, bf16 is emulated and about 4x slower than fp32; BENCHMARKS.md)
+    # a CPU without them, bf16 is emulated: 5x slower matmuls, 3x slower training steps; BENCHMARKS.md)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     eval_every: int = 1000  # steps between dev evaluations (0 = only at the end)

@@ -192,9 +192,8 @@ def load_reranker(directory: Path, model: CaptionModel, model_meta: dict[str, An
     """The autoregressive model at `directory`, checked to read the same image features as `model` (whose
     checkpoint meta is `model_meta`), for choosing among `model`'s samples (`generate(reranker=...)`)."""
     reranker, meta = load_model(directory)
-    same = reranker.config.encoder.name == model.config.encoder.name and (
-        model_meta is None or None in (meta.get("encoder"), model_meta.get("encoder"))
-        or meta.get("encoder") == model_meta.get("encoder"))
+    theirs, ours = meta.get("encoder"), (model_meta or {}).get("encoder")  # identities, where recorded
+    same = reranker.config.encoder.name == model.config.encoder.name and (None in (theirs, ours) or theirs == ours)
     if not reranker.autoregressive or not same:
         raise ValueError(f"--rerank {directory}: needs an autoregressive model on the same image features "
                          f"({model.config.encoder.name})")
