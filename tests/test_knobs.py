@@ -155,6 +155,9 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
     (["model.norm=sandwich"], "model.norm"),
     (["loss.label_smoothing=0.1"], "loss.label_smoothing"),  # diffusion has no next-word loss to smooth
     (["model.kind=autoregressive", "loss.label_smoothing=1.0"], "loss.label_smoothing"),
+    (["loss.objective=cider"], "loss.objective"),  # diffusion samples no left-to-right captions to reward
+    (["model.kind=autoregressive", "loss.objective=bleu"], "loss.objective"),
+    (["model.kind=autoregressive", "loss.objective=cider", "loss.cider_samples=1"], "loss.cider_samples"),
 ])
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -121,6 +121,12 @@ class LossConfig:
     dynamic_rounding: float = 0.0
     # the autoregressive baseline's next-word cross-entropy with this label smoothing (0 = plain cross-entropy)
     label_smoothing: float = 0.0
+    # what the autoregressive baseline maximises: "likelihood" (next-word cross-entropy, teacher forcing) or
+    # "cider": self-critical training (Rennie et al. 2017): the CIDEr-D of its own sampled captions against the
+    # image's training references, the other samples' mean as baseline. A fine-tuning objective: start it from
+    # a likelihood-trained model with train.init_from, at a small train.lr
+    objective: Literal["likelihood", "cider"] = "likelihood"
+    cider_samples: int = 5  # captions sampled per image per step for "cider" (the batch holds B images)
 
 
 @dataclass
@@ -416,6 +422,9 @@ def validate(config: Config) -> None:
     need(0.0 <= lo.label_smoothing < 1.0, "loss.label_smoothing", "must be in [0, 1)")
     need(lo.label_smoothing == 0.0 or m.kind == "autoregressive", "loss.label_smoothing",
          "applies to the autoregressive baseline's next-word loss only: use 0 for diffusion")
+    need(lo.objective == "likelihood" or m.kind == "autoregressive", "loss.objective",
+         "self-critical training (cider) samples captions left to right: it needs model.kind=autoregressive")
+    need(lo.cider_samples >= 2, "loss.cider_samples", "must be >= 2 (each sample's baseline is the others' mean)")
     need(lo.x_t_weight + lo.x_1_weight + lo.rounding_weight > 0, "loss.x_t_weight",
          "every loss term is off: set x_t_weight, x_1_weight or rounding_weight > 0")
     need(d.target != "x_prev" or 1 <= d.target_interval < d.timesteps, "diffusion.target_interval",

@@ -103,6 +103,28 @@ def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace,
     return {"loss": loss, "cross_entropy": plain, "token_accuracy": accuracy}
 
 
+def self_critical_loss(logits: torch.Tensor, tokens: torch.Tensor, rewards: torch.Tensor, samples: int,
+                       end: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """REINFORCE with the other samples' mean reward as baseline (self-critical training, Rennie et al. 2017,
+    with Luo's 2020 multi-sample baseline), on `samples` captions drawn per image.
+
+    `tokens` (K*B, L) are the sampled word pieces, sample k of image b in row k*B + b; `logits` (K*B, L, V) the
+    network's teacher-forced outputs on them; `rewards` (K*B,) their scores. Each word piece up to and
+    including the first `end` index counts; the loss is the advantage-weighted negative log-likelihood per
+    counted piece."""
+    if samples < 2:
+        raise ValueError("a self-critical baseline needs at least 2 samples per image")
+    by_image = rewards.view(samples, -1)  # (K, B)
+    baseline = (by_image.sum(0, keepdim=True) - by_image) / (samples - 1)  # mean of the *other* samples
+    advantage = (by_image - baseline).flatten()  # (K*B,)
+    is_end = torch.isin(tokens, torch.tensor(end, device=tokens.device))
+    counted = ((is_end.long().cumsum(1) - is_end.long()) == 0).float()  # through the first end
+    logp = logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (K*B, L)
+    loss = -(advantage.unsqueeze(1) * logp * counted).sum() / counted.sum().clamp(min=1)
+    return {"loss": loss, "reward": rewards.mean(), "advantage_spread": advantage.abs().mean(),
+            "caption_pieces": counted.sum(1).mean()}
+
+
 class DynamicRoundingWeight:
     """The original's "dynamic" rounding weight (DYNAMIC_ROUNDING_WEIGHT): at every step,
     C x (running sum of the weighted distance terms) / (running sum of the rounding term) over the epoch so far,

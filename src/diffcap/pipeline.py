@@ -21,11 +21,12 @@ from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_sta
                                 unprefixed)
 from diffcap.config import Config, ConfigError
 from diffcap.diffusion.gaussian import GaussianDiffusion
-from diffcap.losses import caption_losses, decoder_losses
+from diffcap.losses import caption_losses, decoder_losses, self_critical_loss
 from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
 from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
 from diffcap.models.guidance import conditioned
 from diffcap.models.length import LengthPredictor, caption_lengths
+from diffcap.rewards import CiderD
 from diffcap.selection import mbr_select
 from diffcap.text.retrieval import RetrievalMemory
 from diffcap.text.space import TextSpace, load_backbone
@@ -224,6 +225,29 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
         pred_1 = model.diffusion.training_prediction(fn, x0, torch.zeros_like(t), torch.randn_like(x0), False)
     return caption_losses(pred, ids, model.space, lc, pred_1=pred_1, latent_target=model.diffusion.target != "eps",
                           rounding_weight=rounding_weight, table=table)
+
+
+def self_critical_losses(model: CaptionModel, network: torch.nn.Module, image: ImageFeatures, images: torch.Tensor,
+                         reward: CiderD) -> dict[str, torch.Tensor]:
+    """One self-critical step's loss (loss.objective="cider", autoregressive models): `loss.cider_samples`
+    captions sampled per image of the batch, each rewarded with its CIDEr-D against that image's training
+    references (`images` (B,): the images' indices in `reward`), then `losses.self_critical_loss`."""
+    if not model.autoregressive:
+        raise ValueError("self-critical training needs an autoregressive model (model.kind=autoregressive)")
+    k, sp = model.config.loss.cider_samples, model.space
+    image = image.repeat(k)  # sample j of image b in row j*B + b
+    decoder = model.denoiser
+    assert isinstance(decoder, CaptionDecoder)
+    end = (sp.sep_index, sp.pad_index)
+    was_training = decoder.training
+    decoder.eval()  # draw from the model itself, without dropout
+    try:
+        tokens = decoder.generate(image, end=end, banned=(sp.unk_index,), sample=True)
+    finally:
+        decoder.train(was_training)
+    captions = sp.decode(tokens, model.config.sample.collapse_repeats)
+    rewards = torch.tensor(reward.scores(captions, images.repeat(k).tolist()), device=tokens.device)
+    return self_critical_loss(network(tokens, image), tokens, rewards, k, end)
 
 
 @torch.no_grad()

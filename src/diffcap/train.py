@@ -45,7 +45,8 @@ from diffcap.evaluate import evaluate_records
 from diffcap.losses import DynamicRoundingWeight
 from diffcap.models.denoiser import ImageFeatures
 from diffcap.models.length import LengthPredictor, caption_lengths
-from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, training_losses
+from diffcap.pipeline import CaptionModel, build_model, image_key_hashes, self_critical_losses, training_losses
+from diffcap.rewards import CiderD
 from diffcap.text.retrieval import RetrievalMemory
 
 log = logging.getLogger("diffcap")
@@ -344,6 +345,11 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         data.text = model.memory.nearest(train_table.pooled, exclude=torch.arange(len(train_records)))
     log.info("training on %d captions of %d images; vocabulary %d word pieces", len(rows), len(train_records),
              model.space.vocab_size)
+    reward = None
+    if config.loss.objective == "cider":  # self-critical: each batch row stands for its image and references
+        reward = CiderD([r.captions for r in train_records])
+        log.info("self-critical training: %d captions sampled per image, rewarded by CIDEr-D against the %d "
+                 "training images' references", config.loss.cider_samples, len(reward))
 
     # -- model, optimizer, state ------------------------------------------------------------------------
     denoiser = model.denoiser.to(device)
@@ -460,8 +466,11 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
             use_sc = not model.autoregressive and model.denoiser.shape.self_condition \
                 and random.random() < tr.self_condition_prob
             with accelerator.autocast():
-                losses = training_losses(model, denoiser, ids, image, keep, use_sc,
-                                         rounding_weight=None if dynamic is None else dynamic.value())
+                if reward is not None:
+                    losses = self_critical_losses(model, denoiser, image, data.rows[batch], reward)
+                else:
+                    losses = training_losses(model, denoiser, ids, image, keep, use_sc,
+                                             rounding_weight=None if dynamic is None else dynamic.value())
             bad = not bool(torch.isfinite(losses["loss"]))
             if world > 1:  # every process must skip the same steps (or the gradient all-reduce would hang)
                 bad = bool(accelerator.reduce(torch.tensor([float(bad)], device=device), "sum").item() > 0)
@@ -511,8 +520,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
                 # the wall-clock budget usually ends the run first: size the bar (and its ETA) by it
                 expected = int(step / max(now - started, 1e-9) * budget)
                 bar.total = max(step, min(tr.max_steps, expected))
-                bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['token_accuracy']:.2f}",
-                                budget_left=f"{left:.1f}min")
+                shown = ("acc", values["token_accuracy"]) if "token_accuracy" in values else ("cider", values["reward"])
+                bar.set_postfix({"loss": f"{values['loss']:.3f}", shown[0]: f"{shown[1]:.2f}",
+                                 "budget_left": f"{left:.1f}min"})
                 last_log, seen_since_log = now, 0
             if tr.eval_every and step % tr.eval_every == 0 and eval_table is not None and accelerator.is_main_process:
                 metrics = evaluate(tr.eval_limit)

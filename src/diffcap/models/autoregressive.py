@@ -123,9 +123,12 @@ class CaptionDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures, *, end: tuple[int, ...], banned: tuple[int, ...] = (),
-                 beam_size: int = 1) -> torch.Tensor:
+                 beam_size: int = 1, sample: bool = False) -> torch.Tensor:
         """(B, L) word-piece indices; a row stops at the first of the `end` indices (then repeats `end[0]`),
-        or at L. `banned` indices are never generated."""
+        or at L. `banned` indices are never generated. `sample`: draw each word from the model's distribution
+        (torch's global RNG) instead of taking the most likely one (self-critical training's samples)."""
+        if sample and beam_size > 1:
+            raise ValueError("sampling draws one caption per row: use beam_size=1")
         B, K, L = len(image), beam_size, self.shape.max_length
         if K > 1:
             image = ImageFeatures(image.pooled.repeat_interleave(K, 0), image.grid.repeat_interleave(K, 0))
@@ -146,7 +149,9 @@ class CaptionDecoder(nn.Module):
             if end:  # a finished row may only repeat its end token, at no cost
                 logp[done] = -math.inf
                 logp[done, end[0]] = 0.0
-            if K == 1:
+            if sample:
+                next_ids = torch.multinomial(logp.exp(), 1).squeeze(1)
+            elif K == 1:
                 next_ids = logp.argmax(-1)
             else:
                 V = logp.shape[-1]
