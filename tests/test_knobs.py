@@ -158,6 +158,7 @@ def test_eps_target_trains_the_network_to_predict_noise() -> None:
     (["loss.objective=cider"], "loss.objective"),  # diffusion samples no left-to-right captions to reward
     (["model.kind=autoregressive", "loss.objective=bleu"], "loss.objective"),
     (["model.kind=autoregressive", "loss.objective=cider", "loss.cider_samples=1"], "loss.cider_samples"),
+    (["model.kind=autoregressive", "loss.objective=cider", "loss.cider_temperature=0"], "loss.cider_temperature"),
 ])
 def test_invalid_knobs_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -55,6 +55,11 @@ def test_self_critical_loss_favours_the_better_sample() -> None:
     assert torch.all(grad[1] == 0) and torch.all(grad[3] == 0)  # equal rewards: no advantage, no push
     assert torch.all(grad[0, 2] != 0) and torch.all(grad[1, 2] == 0)  # the first end counts; after it, nothing
     assert float(out["reward"]) == pytest.approx(0.35)
+    raw = torch.randn(4, 3, 5)
+    hot = self_critical_loss(raw, tokens, rewards, samples=2, end=(1, 0), temperature=2.0)["loss"]
+    scaled = self_critical_loss(raw / 2.0, tokens, rewards, samples=2, end=(1, 0))["loss"]
+    plain = self_critical_loss(raw, tokens, rewards, samples=2, end=(1, 0))["loss"]
+    assert float(hot) == pytest.approx(float(scaled)) and float(hot) != pytest.approx(float(plain))
     with pytest.raises(ValueError, match="2 samples"):
         self_critical_loss(logits, tokens, rewards, samples=1, end=(1, 0))
 
@@ -73,11 +78,15 @@ def test_sampled_decoding_draws_from_the_model() -> None:
         for row in ids.tolist():  # after the first end piece, only [SEP]
             ends = [i for i, x in enumerate(row) if x in (1, 0)]
             assert not ends or all(x == 1 for x in row[ends[0] + 1:])
+    cold = net.generate(image, end=(1, 0), banned=(3,), sample=True, temperature=1e-6)
+    assert torch.equal(cold, greedy)  # near zero temperature, sampling is greedy decoding
     with torch.no_grad():  # an overwhelming preference is always drawn
         net.out_bias[7] = 1e4
     assert bool((net.generate(image, end=(1, 0), sample=True) == 7).all())
     with pytest.raises(ValueError, match="beam_size"):
         net.generate(image, end=(1, 0), sample=True, beam_size=2)
+    with pytest.raises(ValueError, match="temperature"):
+        net.generate(image, end=(1, 0), sample=True, temperature=0.0)
 
 
 def test_self_critical_fine_tuning_raises_the_reward(tmp_path: Path, tiny_config, write_caption_dataset) -> None:

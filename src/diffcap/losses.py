@@ -104,14 +104,14 @@ def decoder_losses(logits: torch.Tensor, ids: torch.Tensor, space: TextSpace,
 
 
 def self_critical_loss(logits: torch.Tensor, tokens: torch.Tensor, rewards: torch.Tensor, samples: int,
-                       end: tuple[int, ...]) -> dict[str, torch.Tensor]:
+                       end: tuple[int, ...], temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """REINFORCE with the other samples' mean reward as baseline (self-critical training, Rennie et al. 2017,
     with Luo's 2020 multi-sample baseline), on `samples` captions drawn per image.
 
     `tokens` (K*B, L) are the sampled word pieces, sample k of image b in row k*B + b; `logits` (K*B, L, V) the
     network's teacher-forced outputs on them; `rewards` (K*B,) their scores. Each word piece up to and
     including the first `end` index counts; the loss is the advantage-weighted negative log-likelihood per
-    counted piece."""
+    counted piece, under softmax(logits / `temperature`): the distribution the samples were drawn from."""
     if samples < 2:
         raise ValueError("a self-critical baseline needs at least 2 samples per image")
     by_image = rewards.view(samples, -1)  # (K, B)
@@ -119,7 +119,7 @@ def self_critical_loss(logits: torch.Tensor, tokens: torch.Tensor, rewards: torc
     advantage = (by_image - baseline).flatten()  # (K*B,)
     is_end = torch.isin(tokens, torch.tensor(end, device=tokens.device))
     counted = ((is_end.long().cumsum(1) - is_end.long()) == 0).float()  # through the first end
-    logp = logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (K*B, L)
+    logp = (logits.float() / temperature).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (K*B, L)
     loss = -(advantage.unsqueeze(1) * logp * counted).sum() / counted.sum().clamp(min=1)
     return {"loss": loss, "reward": rewards.mean(), "advantage_spread": advantage.abs().mean(),
             "caption_pieces": counted.sum(1).mean()}

@@ -230,11 +230,12 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
 def self_critical_losses(model: CaptionModel, network: torch.nn.Module, image: ImageFeatures, images: torch.Tensor,
                          reward: CiderD) -> dict[str, torch.Tensor]:
     """One self-critical step's loss (loss.objective="cider", autoregressive models): `loss.cider_samples`
-    captions sampled per image of the batch, each rewarded with its CIDEr-D against that image's training
+    captions sampled per image of the batch (at `loss.cider_temperature`), each rewarded with its CIDEr-D against that image's training
     references (`images` (B,): the images' indices in `reward`), then `losses.self_critical_loss`."""
     if not model.autoregressive:
         raise ValueError("self-critical training needs an autoregressive model (model.kind=autoregressive)")
-    k, sp = model.config.loss.cider_samples, model.space
+    lc, sp = model.config.loss, model.space
+    k = lc.cider_samples
     image = image.repeat(k)  # sample j of image b in row j*B + b
     decoder = model.denoiser
     assert isinstance(decoder, CaptionDecoder)
@@ -242,12 +243,13 @@ def self_critical_losses(model: CaptionModel, network: torch.nn.Module, image: I
     was_training = decoder.training
     decoder.eval()  # draw from the model itself, without dropout
     try:
-        tokens = decoder.generate(image, end=end, banned=(sp.unk_index,), sample=True)
+        tokens = decoder.generate(image, end=end, banned=(sp.unk_index,), sample=True,
+                                  temperature=lc.cider_temperature)
     finally:
         decoder.train(was_training)
     captions = sp.decode(tokens, model.config.sample.collapse_repeats)
     rewards = torch.tensor(reward.scores(captions, images.repeat(k).tolist()), device=tokens.device)
-    return self_critical_loss(network(tokens, image), tokens, rewards, k, end)
+    return self_critical_loss(network(tokens, image), tokens, rewards, k, end, lc.cider_temperature)
 
 
 @torch.no_grad()

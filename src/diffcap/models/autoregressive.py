@@ -123,12 +123,15 @@ class CaptionDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, image: ImageFeatures, *, end: tuple[int, ...], banned: tuple[int, ...] = (),
-                 beam_size: int = 1, sample: bool = False) -> torch.Tensor:
+                 beam_size: int = 1, sample: bool = False, temperature: float = 1.0) -> torch.Tensor:
         """(B, L) word-piece indices; a row stops at the first of the `end` indices (then repeats `end[0]`),
         or at L. `banned` indices are never generated. `sample`: draw each word from the model's distribution
-        (torch's global RNG) instead of taking the most likely one (self-critical training's samples)."""
+        (torch's global RNG) instead of taking the most likely one (self-critical training's samples), from
+        softmax(logits / `temperature`)."""
         if sample and beam_size > 1:
             raise ValueError("sampling draws one caption per row: use beam_size=1")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         B, K, L = len(image), beam_size, self.shape.max_length
         if K > 1:
             image = ImageFeatures(image.pooled.repeat_interleave(K, 0), image.grid.repeat_interleave(K, 0))
@@ -150,7 +153,7 @@ class CaptionDecoder(nn.Module):
                 logp[done] = -math.inf
                 logp[done, end[0]] = 0.0
             if sample:
-                next_ids = torch.multinomial(logp.exp(), 1).squeeze(1)
+                next_ids = torch.multinomial((logp / temperature).softmax(-1), 1).squeeze(1)
             elif K == 1:
                 next_ids = logp.argmax(-1)
             else:
