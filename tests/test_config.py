@@ -32,6 +32,13 @@ def test_autoregressive_preset_is_the_measured_reference_recipe() -> None:
     assert load_config("autoregressive") == load_config("default", measured)
 
 
+def test_autoregressive_cider_preset_is_the_measured_fine_tuning() -> None:
+    """The preset must stay the self-critical run of ABLATIONS.md: the autoregressive preset + its overrides."""
+    measured = ("loss.objective=cider loss.cider_samples=5 loss.cider_temperature=0.5 train.lr=5e-5 "
+                "train.warmup_steps=20 train.batch_size=16 train.max_minutes=15").split()
+    assert load_config("autoregressive-cider") == load_config("autoregressive", measured)
+
+
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_json_round_trip(name: str) -> None:
     config = load_config(name, ["train.lr=2.5e-4", "diffusion.schedule=sqrt", "data.root=/tmp/x"])

@@ -113,3 +113,12 @@ def test_self_critical_fine_tuning_raises_the_reward(tmp_path: Path, tiny_config
                               loss__cider_samples=4), tmp_path / "cider", progress=False)
     before, after = mean_reward(base), mean_reward(tuned)
     assert after > before + 0.5, (before, after)
+
+
+def test_self_critical_training_needs_a_trained_model(tmp_path: Path, shapes_jsonl: Path, tiny_config) -> None:
+    from diffcap.config import ConfigError
+
+    config = tiny_config(shapes_jsonl, model__kind="autoregressive", loss__objective="cider")
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

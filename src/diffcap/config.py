@@ -281,7 +281,23 @@ def _autoregressive() -> Config:
     return c
 
 
-PRESETS: dict[str, typing.Callable[[], Config]] = {"default": Config, "tiny": _tiny, "autoregressive": _autoregressive}
+def _autoregressive_cider() -> Config:
+    """Self-critical fine-tuning of an `autoregressive` model (give it with train.init_from): 5 samples per image
+    at temperature 0.5 rewarded by CIDEr-D, 16 images per step, lr 5e-5, 15 minutes. From the 20-minute model,
+    full dev CIDEr 46.8 -> 51.5 on a 2-core CPU (ABLATIONS.md)."""
+    c = _autoregressive()
+    c.loss.objective = "cider"
+    c.loss.cider_samples = 5
+    c.loss.cider_temperature = 0.5
+    c.train.lr = 5e-5
+    c.train.warmup_steps = 20
+    c.train.batch_size = 16
+    c.train.max_minutes = 15.0
+    return c
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"default": Config, "tiny": _tiny, "autoregressive": _autoregressive,
+                                                   "autoregressive-cider": _autoregressive_cider}
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_state, prefixed, recover,
                                  save_checkpoint, unprefixed)
-from diffcap.config import Config
+from diffcap.config import Config, ConfigError
 from diffcap.data.datasets import check_no_leakage
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import evaluate_records
@@ -291,6 +291,9 @@ def train(config: Config, run_dir: Path, *, resume: bool = False, progress: bool
         raise ValueError(f"stop after {stop_after_minutes} minutes: must be > 0")
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoint"
+    if config.loss.objective == "cider" and not tr.init_from:
+        raise ConfigError("loss.objective=cider fine-tunes a trained autoregressive model: set "
+                          "train.init_from=CHECKPOINT (from random weights its samples earn no reward to learn from)")
     precision = "bf16" if resolve_precision(tr.precision) == "bf16" else "no"
     if tr.precision == "auto":
         log.info("train.precision=auto: %s", "bf16 autocast (native bf16 matmuls)" if precision == "bf16"
