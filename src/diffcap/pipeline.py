@@ -230,8 +230,9 @@ def training_losses(model: CaptionModel, network: torch.nn.Module, ids: torch.Te
 def self_critical_losses(model: CaptionModel, network: torch.nn.Module, image: ImageFeatures, images: torch.Tensor,
                          reward: CiderD) -> dict[str, torch.Tensor]:
     """One self-critical step's loss (loss.objective="cider", autoregressive models): `loss.cider_samples`
-    captions sampled per image of the batch (at `loss.cider_temperature`), each rewarded with its CIDEr-D against that image's training
-    references (`images` (B,): the images' indices in `reward`), then `losses.self_critical_loss`."""
+    captions sampled per image of the batch at `loss.cider_temperature`, each rewarded with its CIDEr-D against
+    that image's training references (`images` (B,): the images' indices in `reward`), then
+    `losses.self_critical_loss`."""
     if not model.autoregressive:
         raise ValueError("self-critical training needs an autoregressive model (model.kind=autoregressive)")
     lc, sp = model.config.loss, model.space
