@@ -128,13 +128,16 @@ def test_autoregressive_baseline_learns_the_captions(tmp_path: Path, tiny_config
 
 
 def test_mbr_picks_the_consensus_caption() -> None:
-    from diffcap.selection import mbr_select, similarity
+    from diffcap.selection import mbr_scores, mbr_select, similarity
 
     assert similarity("a dog runs".split(), "a dog runs".split()) == 1.0
     assert similarity([], "a dog".split()) == 0.0
     assert 0 < similarity("a dog runs".split(), "a dog sits".split()) < 1
     candidates = ["a cat on a sofa", "a dog runs on the grass", "a brown dog runs on grass", "a dog runs on grass"]
     assert mbr_select(candidates) == 3
+    scores = mbr_scores(candidates)  # mean similarity to the others: the outlier lowest, in [0, 1]
+    assert min(scores) == scores[0] and all(0 <= x <= 1 for x in scores)
+    assert mbr_scores(["a dog", "a dog"]) == [1.0, 1.0] and mbr_scores(["one"]) == [0.0]
     assert mbr_select(["only one"]) == 0
     with pytest.raises(ValueError):
         mbr_select([])

@@ -30,10 +30,16 @@ def similarity(a: Sequence[str], b: Sequence[str], max_n: int = 4) -> float:
     return total / top
 
 
+def mbr_scores(candidates: Sequence[str]) -> list[float]:
+    """Each candidate's mean similarity to the others (in [0, 1]; 0 for a single candidate)."""
+    words = [c.split() for c in candidates]
+    others = max(len(words) - 1, 1)
+    return [sum(similarity(w, other) for j, other in enumerate(words) if j != i) / others for i, w in enumerate(words)]
+
+
 def mbr_select(candidates: Sequence[str]) -> int:
     """Index of the candidate with the largest summed similarity to the others (the first on ties)."""
     if not candidates:
         raise ValueError("mbr_select needs at least one candidate")
-    words = [c.split() for c in candidates]
-    scores = [sum(similarity(w, other) for j, other in enumerate(words) if j != i) for i, w in enumerate(words)]
+    scores = mbr_scores(candidates)
     return max(range(len(candidates)), key=lambda i: (scores[i], -i))

@@ -1,0 +1,116 @@
+"""How to choose one caption among a diffusion model's N samples of each dev image: the first sample, minimum
+Bayes risk (MBR), the autoregressive model's likelihood (`evaluate --candidates N --rerank AR`), the two
+combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, and an oracle that knows the references (the ceiling of any choice).
+Full dev, pycocoevalcap/PTB CIDEr; each rule also on the two halves of dev, so that a weight chosen on one half
+can be checked on the other.
+
+    python benchmarks/selection.py DIFFUSION_CHECKPOINT AR_CHECKPOINT [--candidates 8] [--cache FILE.json] \
+        [--weights 0.5 1 2 4] [--root ../shared/data/flickr8k]
+
+The N candidates of every image (candidate k from seed + k, as `evaluate --candidates` draws them) are kept in
+--cache, so a second call with another reranker or other weights does not sample again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from diffcap.config import DataConfig
+from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
+from diffcap.evaluate import caption_table
+from diffcap.metrics import score_captions
+from diffcap.pipeline import caption_log_likelihood, load_model, load_reranker
+from diffcap.rewards import CiderD
+from diffcap.selection import mbr_scores
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("reranker")
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--cache", type=Path, default=None, help="JSON file of the candidates (written when missing)")
+    p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.8],
+                   help="length normalisation of the summed log-probability (1 = the mean, plain rerank)")
+    p.add_argument("--root", default="../shared/data/flickr8k")
+    p.add_argument("--limit", type=int, default=None, help="only the first N dev images (a quick check)")
+    args = p.parse_args()
+    model, meta = load_model(Path(args.checkpoint))
+    reranker = load_reranker(Path(args.reranker), model, meta)
+    records = split_records(DataConfig(root=args.root), "dev")[: args.limit]
+    encoder = load_encoder(model.config.encoder.name)
+    cache = ensure_features(encoder, records, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "dev")
+    records = [r for r in records if r.key in cache]
+    table = FeatureTable.from_cache(cache, [r.key for r in records])
+    n, seed = args.candidates, model.config.sample.seed
+
+    if args.cache is not None and args.cache.exists():
+        per_seed: list[list[str]] = json.loads(args.cache.read_text())["candidates"]
+        if len(per_seed) < n or len(per_seed[0]) != len(records):
+            raise SystemExit(f"{args.cache}: holds {len(per_seed)} candidates of {len(per_seed[0])} images, "
+                             f"not {n} of {len(records)}")
+        per_seed = per_seed[:n]
+    else:
+        per_seed = [caption_table(model, table, seed=seed + k, desc=f"candidate {k + 1}/{n}") for k in range(n)]
+        if args.cache is not None:
+            args.cache.write_text(json.dumps({"checkpoint": args.checkpoint, "seed": seed, "candidates": per_seed}))
+
+    rows = len(records)
+    logp = torch.empty(n, rows)  # mean log-probability per word piece
+    pieces = torch.empty(n, rows)  # word pieces of each candidate, [SEP] included
+    with torch.no_grad():
+        for start in range(0, rows, 256):
+            idx = torch.arange(start, min(start + 256, rows))
+            image = table.batch(idx, "cpu")
+            for k in range(n):
+                chunk = [per_seed[k][i] for i in idx.tolist()]
+                logp[k, idx] = caption_log_likelihood(reranker, image, chunk)
+                pieces[k, idx] = (reranker.space.encode(chunk) != reranker.space.pad_index).sum(-1).float()
+    per_image = [[per_seed[k][i] for k in range(n)] for i in range(rows)]
+    references = {r.key: list(r.captions) for r in records}
+    oracle_reward = CiderD([r.captions for r in records])
+
+    def choose(rule: str, m: int, weight: float = 0.0) -> list[str]:
+        chosen = []
+        for i, row in enumerate(per_image):
+            row = row[:m]
+            if rule == "first":
+                score = [0.0] * m
+            elif rule == "oracle":
+                score = oracle_reward.scores(row, [i] * m)
+            else:
+                agreement = mbr_scores(row)
+                likelihood = logp[:m, i].tolist()
+                # GNMT-style normalisation: summed log-probability / length^alpha (alpha = 1: the mean)
+                normalised = (logp[:m, i] * pieces[:m, i] ** (1 - weight)).tolist()
+                score = {"mbr": agreement, "rerank": likelihood, "rerank-alpha": normalised,
+                         "hybrid": [lp + weight * a for lp, a in zip(likelihood, agreement)]}[rule]
+            chosen.append(row[max(range(m), key=lambda k: (score[k], -k))])
+        return chosen
+
+    def cider(captions: list[str], lo: int, hi: int) -> float:
+        hyp = {records[i].key: captions[i] for i in range(lo, hi)}
+        return score_captions(hyp, {k: references[k] for k in hyp}, meteor=False).metrics["CIDEr"]
+
+    half = rows // 2
+    print(f"{rows} dev images, {n} candidates each; CIDEr on all / first half / second half\n")
+    print("| choice | candidates | all | 0–{0} | {0}–{1} | words/caption |".format(half, rows))
+    print("|---|---|---|---|---|---|")
+    plan = [("first", 1, 0.0)] + [(rule, m, 0.0) for m in sorted({min(4, n), n}) for rule in ("mbr", "rerank")]
+    plan += [("rerank-alpha", n, a) for a in args.alphas]
+    plan += [("hybrid", n, w) for w in args.weights] + [("oracle", n, 0.0)]
+    for rule, m, weight in plan:
+        captions = choose(rule, m, weight)
+        words = sum(len(c.split()) for c in captions) / rows
+        name = {"hybrid": f"hybrid, weight {weight:g}", "rerank-alpha": f"rerank, length^{weight:g}"}.get(rule, rule)
+        print(f"| {name} | {m} | {cider(captions, 0, rows):.1f} | {cider(captions, 0, half):.1f} | "
+              f"{cider(captions, half, rows):.1f} | {words:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
