@@ -5,7 +5,7 @@ Full dev, pycocoevalcap/PTB CIDEr; each rule also on the two halves of dev, so t
 can be checked on the other.
 
     python benchmarks/selection.py DIFFUSION_CHECKPOINT AR_CHECKPOINT [--candidates 8] [--cache FILE.json] \
-        [--weights 0.5 1 2 4] [--root ../shared/data/flickr8k]
+        [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--root ../shared/data/flickr8k]
 
 The N candidates of every image (candidate k from seed + k, as `evaluate --candidates` draws them) are kept in
 --cache, so a second call with another reranker or other weights does not sample again.
