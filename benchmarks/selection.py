@@ -1,6 +1,7 @@
 """How to choose one caption among a diffusion model's N samples of each dev image: the first sample, minimum
 Bayes risk (MBR), the autoregressive model's likelihood (`evaluate --candidates N --rerank AR`), the two
-combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, and an oracle that knows the references (the ceiling of any choice).
+combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, and an
+oracle that knows the references (the ceiling of any choice).
 Full dev, pycocoevalcap/PTB CIDEr; each rule also on the two halves of dev, so that a weight chosen on one half
 can be checked on the other.
 
@@ -83,13 +84,14 @@ def main() -> None:
                 score = [0.0] * m
             elif rule == "oracle":
                 score = oracle_reward.scores(row, [i] * m)
-            else:
-                agreement = mbr_scores(row)
-                likelihood = logp[:m, i].tolist()
-                # GNMT-style normalisation: summed log-probability / length^alpha (alpha = 1: the mean)
-                normalised = (logp[:m, i] * pieces[:m, i] ** (1 - weight)).tolist()
-                score = {"mbr": agreement, "rerank": likelihood, "rerank-alpha": normalised,
-                         "hybrid": [lp + weight * a for lp, a in zip(likelihood, agreement)]}[rule]
+            elif rule == "mbr":
+                score = mbr_scores(row)
+            elif rule == "rerank":
+                score = logp[:m, i].tolist()
+            elif rule == "rerank-alpha":  # GNMT-style: summed log-probability / length^alpha (alpha = 1: the mean)
+                score = (logp[:m, i] * pieces[:m, i] ** (1 - weight)).tolist()
+            else:  # hybrid
+                score = [lp + weight * a for lp, a in zip(logp[:m, i].tolist(), mbr_scores(row))]
             chosen.append(row[max(range(m), key=lambda k: (score[k], -k))])
         return chosen
 

@@ -38,7 +38,7 @@ def mbr_scores(candidates: Sequence[str]) -> list[float]:
 
 
 def mbr_select(candidates: Sequence[str]) -> int:
-    """Index of the candidate with the largest summed similarity to the others (the first on ties)."""
+    """Index of the candidate with the largest mean similarity to the others (the first on ties)."""
     if not candidates:
         raise ValueError("mbr_select needs at least one candidate")
     scores = mbr_scores(candidates)
