@@ -1,12 +1,13 @@
 """How to choose one caption among a diffusion model's N samples of each dev image: the first sample, minimum
 Bayes risk (MBR), the autoregressive model's likelihood (`evaluate --candidates N --rerank AR`), the two
-combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, and an
-oracle that knows the references (the ceiling of any choice).
+combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, an
+image–text matcher fitted on the training captions (models/matching.py; alone and as log-probability +
+weight x cosine agreement), and an oracle that knows the references (the ceiling of any choice).
 Full dev, pycocoevalcap/PTB CIDEr; each rule also on the two halves of dev, so that a weight chosen on one half
 can be checked on the other.
 
     python benchmarks/selection.py DIFFUSION_CHECKPOINT AR_CHECKPOINT [--candidates 8] [--cache FILE.json] \
-        [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--root ../shared/data/flickr8k]
+        [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--match-weights 1 2 4] [--root ../shared/data/flickr8k]
 
 The N candidates of every image (candidate k from seed + k, as `evaluate --candidates` draws them) are kept in
 --cache, so a second call with another reranker or other weights does not sample again.
@@ -24,9 +25,11 @@ from diffcap.config import DataConfig
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import caption_table
 from diffcap.metrics import score_captions
+from diffcap.models.matching import fit_matcher, retrieval_recall
 from diffcap.pipeline import caption_log_likelihood, load_model, load_reranker
 from diffcap.rewards import CiderD
 from diffcap.selection import mbr_scores
+from diffcap.text.retrieval import sentence_vectors
 
 
 def main() -> None:
@@ -38,6 +41,8 @@ def main() -> None:
     p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.8],
                    help="length normalisation of the summed log-probability (1 = the mean, plain rerank)")
+    p.add_argument("--match-weights", type=float, nargs="*", default=[1.0, 2.0, 4.0],
+                   help="log-probability + weight x matcher cosine (none: skip the matcher)")
     p.add_argument("--root", default="../shared/data/flickr8k")
     p.add_argument("--limit", type=int, default=None, help="only the first N dev images (a quick check)")
     args = p.parse_args()
@@ -73,6 +78,9 @@ def main() -> None:
                 logp[k, idx] = caption_log_likelihood(reranker, image, chunk)
                 pieces[k, idx] = (reranker.space.encode(chunk) != reranker.space.pad_index).sum(-1).float()
     per_image = [[per_seed[k][i] for k in range(n)] for i in range(rows)]
+    match = torch.zeros(n, rows)  # matcher cosine of each candidate with its image
+    if args.match_weights:
+        match = matcher_scores(args, encoder, model.config.text.backbone, table, records, per_seed)
     references = {r.key: list(r.captions) for r in records}
     oracle_reward = CiderD([r.captions for r in records])
 
@@ -88,6 +96,10 @@ def main() -> None:
                 score = mbr_scores(row)
             elif rule == "rerank":
                 score = logp[:m, i].tolist()
+            elif rule == "match":
+                score = match[:m, i].tolist()
+            elif rule == "rerank-match":
+                score = (logp[:m, i] + weight * match[:m, i]).tolist()
             elif rule == "rerank-alpha":  # GNMT-style: summed log-probability / length^alpha (alpha = 1: the mean)
                 score = (logp[:m, i] * pieces[:m, i] ** (1 - weight)).tolist()
             else:  # hybrid
@@ -105,13 +117,38 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     plan = [("first", 1, 0.0)] + [(rule, m, 0.0) for m in sorted({min(4, n), n}) for rule in ("mbr", "rerank")]
     plan += [("rerank-alpha", n, a) for a in args.alphas]
-    plan += [("hybrid", n, w) for w in args.weights] + [("oracle", n, 0.0)]
+    plan += [("hybrid", n, w) for w in args.weights]
+    if args.match_weights:
+        plan += [("match", n, 0.0)] + [("rerank-match", n, w) for w in args.match_weights]
+    plan += [("oracle", n, 0.0)]
     for rule, m, weight in plan:
         captions = choose(rule, m, weight)
         words = sum(len(c.split()) for c in captions) / rows
-        name = {"hybrid": f"hybrid, weight {weight:g}", "rerank-alpha": f"rerank, length^{weight:g}"}.get(rule, rule)
+        name = {"hybrid": f"hybrid, weight {weight:g}", "rerank-alpha": f"rerank, length^{weight:g}",
+                "rerank-match": f"rerank + {weight:g} x match"}.get(rule, rule)
         print(f"| {name} | {m} | {cider(captions, 0, rows):.1f} | {cider(captions, 0, half):.1f} | "
               f"{cider(captions, half, rows):.1f} | {words:.1f} |", flush=True)
+
+
+def matcher_scores(args: argparse.Namespace, encoder, backbone: str, table: FeatureTable, records: list,
+                   per_seed: list[list[str]]) -> torch.Tensor:
+    """(N, images) cosine of every candidate with its image, by a matcher fitted on the training split."""
+    train = split_records(DataConfig(root=args.root), "train")
+    train_cache = ensure_features(encoder, train, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "train")
+    train = [r for r in train if r.key in train_cache]
+    train_table = FeatureTable.from_cache(train_cache, [r.key for r in train])
+    captions = [c for r in train for c in r.captions]
+    owners = torch.tensor([i for i, r in enumerate(train) for _ in r.captions])
+    vectors = sentence_vectors(backbone, captions, progress=True)
+    matcher = fit_matcher(train_table.pooled, vectors, owners, progress=True)
+    dev_captions = [c for r in records for c in r.captions]
+    dev_owners = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
+    t2i, i2t = retrieval_recall(matcher, table.pooled, sentence_vectors(backbone, dev_captions), dev_owners, k=5)
+    print(f"matcher on dev references: text->image R@5 {t2i:.3f}, image->text R@5 {i2t:.3f} "
+          f"({len(records)} images)")
+    with torch.no_grad():
+        image = matcher.embed_image(table.pooled)
+        return torch.stack([(matcher.embed_text(sentence_vectors(backbone, c)) * image).sum(-1) for c in per_seed])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,67 @@ def test_fit_matcher_rejects_captions_without_images() -> None:
         fit_matcher(pooled, sentences[:10], owners[:10])
     with pytest.raises(ValueError, match="epochs"):
         fit_matcher(pooled, sentences, owners, epochs=0)
+
+
+def test_a_stored_matcher_scores_as_the_fitted_one() -> None:
+    pooled, sentences, owners = paired_data(20, 2, seed=3)
+    matcher = fit_matcher(pooled, sentences, owners, epochs=2, batch_size=8)
+    again = ImageTextMatcher.from_tensors({"other.weight": torch.zeros(1), **matcher.tensors()})
+    assert again is not None and again.shape == matcher.shape
+    assert torch.allclose(again.similarity(pooled[owners], sentences), matcher.similarity(pooled[owners], sentences))
+    assert ImageTextMatcher.from_tensors({"other.weight": torch.zeros(1)}) is None
+
+
+def test_fit_matcher_command_and_select_match(tiny_checkpoint, shapes_jsonl, tmp_path, capsys) -> None:
+    """`diffcap fit-matcher` stores a matcher (weights untouched, only on training images), and with it
+    `select="match"` keeps, for each image, the candidate the matcher scores highest."""
+    import shutil
+
+    from diffcap.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from diffcap.cli import main
+    from diffcap.models.denoiser import ImageFeatures
+    from diffcap.pipeline import export_model, generate, load_model, matcher_scores
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    before = load_checkpoint(ckpt)[2]
+    model, _ = load_model(ckpt)
+    g = torch.Generator().manual_seed(0)
+    shape = model.denoiser.shape
+    image = ImageFeatures(torch.randn(3, shape.pooled_dim, generator=g), torch.randn(3, 4, shape.grid_dim, generator=g))
+    with pytest.raises(ValueError, match="no image–text matcher"):
+        generate(model, image, steps=2, candidates=2, select="match")
+    common = ["--dataset", "jsonl", "--root", str(shapes_jsonl), "--cache-dir", str(tmp_path / "cache")]
+    assert main(["fit-matcher", str(ckpt), "--split", "dev", *common]) != 0  # never on the scored split
+    assert "were not training images" in capsys.readouterr().err
+    assert main(["fit-matcher", str(ckpt), *common]) == 0
+    assert "fitted an image-text matcher on 8 train images" in capsys.readouterr().out
+    after = load_checkpoint(ckpt)[2]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    model, _ = load_model(ckpt)
+    assert model.matcher is not None
+    out = generate(model, image, steps=2, candidates=4, select="match")
+    for i, row in enumerate(out.candidates):
+        rows = ImageFeatures(image.pooled[i: i + 1].repeat(4, 1), image.grid[i: i + 1].repeat(4, 1, 1))
+        assert out.captions[i] == row[int(matcher_scores(model, rows, row).argmax())]
+    assert generate(model, image, steps=2, candidates=4).candidates == out.candidates  # the same samples
+    exported = load_model(export_model(ckpt, tmp_path / "exported"))[0]  # fp16 matcher, same choice
+    assert exported.matcher is not None and exported.matcher.shape == model.matcher.shape
+    # a damaged matcher is a clear checkpoint error, not a traceback from load_state_dict
+    config, meta, tensors = load_checkpoint(ckpt)
+    del tensors["matcher.text.0.weight"]
+    save_checkpoint(ckpt, config_json=__import__("json").dumps(config), tensors=tensors,
+                    meta={k: v for k, v in meta.items() if k != "format_version"})
+    with pytest.raises(CheckpointError, match="matcher is damaged"):
+        load_model(ckpt)
+
+
+def test_config_checks_the_selection_fields() -> None:
+    from diffcap.config import ConfigError, load_config
+
+    config = load_config("default", ["sample.select=match", "sample.match_weight=2"])
+    assert (config.sample.select, config.sample.match_weight) == ("match", 2.0)
+    with pytest.raises(ConfigError, match="match_weight"):
+        load_config("default", ["sample.match_weight=-1"])
+    with pytest.raises(ConfigError, match="select"):
+        load_config("default", ["sample.select=best"])

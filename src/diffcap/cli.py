@@ -263,7 +263,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # the sampler settings used: each flag given, or the checkpoint's own default
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
-                             "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length")}
+                             "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length",
+                             "select", "match_weight")}
     reranker = None
     if args.rerank is not None:
         reranker = load_reranker(args.rerank, model, meta)
@@ -361,30 +362,51 @@ def cmd_distill_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fit_length(args: argparse.Namespace) -> int:
+def _training_features(args: argparse.Namespace, model: Any, what: str) -> tuple[list, Any]:
+    """(records, FeatureTable) of `args.split`, refused unless every image was a training image of `model`."""
     from diffcap.config import DataConfig
     from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
-    from diffcap.pipeline import add_length_predictor, fit_length_predictor, load_model
 
-    model, _ = load_model(args.checkpoint)
-    if model.autoregressive:
-        raise ValueError(f"{args.checkpoint} is an autoregressive model: it ends its captions itself")
     data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
                       annotations=str(args.annotations or ""))
     records = split_records(data, args.split)
     seen = set(model.trained_on([r.key for r in records]))
     if model.train_image_hashes is not None and len(seen) < len(records):
         raise ValueError(f"{len(records) - len(seen)} of the {len(records)} {args.split} images were not training "
-                         f"images of {args.checkpoint}: fit the length predictor on the split the model was trained "
-                         "on, never on the one it is scored on")
+                         f"images of {args.checkpoint}: fit the {what} on the split the model was trained on, "
+                         "never on the one it is scored on")
     cache_root = args.cache_dir or default_cache_dir(args.dataset, args.root, model.config.encoder.name)
     cache = ensure_features(load_encoder(model.config.encoder.name), records, cache_root / args.split)
     usable = [r for r in records if r.key in cache]
-    table = FeatureTable.from_cache(cache, [r.key for r in usable])
+    return usable, FeatureTable.from_cache(cache, [r.key for r in usable])
+
+
+def cmd_fit_length(args: argparse.Namespace) -> int:
+    from diffcap.pipeline import add_length_predictor, fit_length_predictor, load_model
+
+    model, _ = load_model(args.checkpoint)
+    if model.autoregressive:
+        raise ValueError(f"{args.checkpoint} is an autoregressive model: it ends its captions itself")
+    usable, table = _training_features(args, model, "length predictor")
     predictor = fit_length_predictor(model.space, table.pooled, [r.captions for r in usable])
     add_length_predictor(args.checkpoint, predictor)
     print(f"fitted a length predictor on {len(usable)} {args.split} images and stored it in {args.checkpoint}; "
           "sample with it by --length predicted (or sample.length=predicted)")
+    return 0
+
+
+def cmd_fit_matcher(args: argparse.Namespace) -> int:
+    from diffcap.pipeline import add_matcher, fit_caption_matcher, load_model
+
+    model, _ = load_model(args.checkpoint)
+    if model.autoregressive:
+        raise ValueError(f"{args.checkpoint} is an autoregressive model: it writes one caption, there is none "
+                         "to choose among")
+    usable, table = _training_features(args, model, "matcher")
+    matcher = fit_caption_matcher(model, table.pooled, [r.captions for r in usable], progress=True)
+    add_matcher(args.checkpoint, matcher)
+    print(f"fitted an image-text matcher on {len(usable)} {args.split} images and stored it in {args.checkpoint}; "
+          "choose among samples with it by --candidates N --select match (or sample.select=match)")
     return 0
 
 
@@ -505,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
                    help="with --candidates N: keep the candidate this autoregressive model finds most likely "
                         "instead of the minimum-Bayes-risk one")
+    p.add_argument("--select", choices=["mbr", "match"], default=None,
+                   help="with --candidates N and no --rerank: keep the minimum-Bayes-risk candidate (mbr) or the "
+                        "one the checkpoint's image-text matcher prefers (match) (default: the checkpoint's)")
+    p.add_argument("--match-weight", type=float, default=None,
+                   help="with --rerank: add this weight x the matcher's cosine to the re-ranker's likelihood "
+                        "(default: the checkpoint's sample.match_weight)")
     p.add_argument("--length", choices=["free", "predicted"], default=None,
                    help="diffusion: let the denoiser end each caption (free), or fix its length from the image with "
                         "the checkpoint's length predictor (predicted) (default: the checkpoint's sample.length)")
@@ -557,6 +585,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.set_defaults(func=cmd_fit_length)
+
+    p = sub.add_parser("fit-matcher", help="add an image-text matcher to a diffusion checkpoint, to choose among "
+                                           "its samples (--candidates N --select match)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (rewritten atomically)")
+    _add_dataset_args(p)
+    p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.set_defaults(func=cmd_fit_matcher)
 
     p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
     p.add_argument("config", help="base preset name or JSON file")

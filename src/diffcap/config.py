@@ -152,7 +152,13 @@ class SampleConfig:
     # (fitted on the training images, models/length.py) fixes each caption's length from its image first
     length: Literal["free", "predicted"] = "free"
     beam_size: int = 1  # autoregressive models: 1 = greedy decoding
-    candidates: int = 1  # diffusion: sample this many captions per image and keep the minimum-Bayes-risk one
+    candidates: int = 1  # diffusion: sample this many captions per image and keep one of them (sample.select)
+    # which of the candidates: "mbr" = the one that agrees most with the others (minimum Bayes risk), "match" =
+    # the one the checkpoint's image–text matcher (`diffcap fit-matcher`, models/matching.py) finds closest to
+    # the image. With an autoregressive re-ranker (`--rerank`), its likelihood decides instead, plus
+    # match_weight x the matcher's cosine when match_weight > 0.
+    select: Literal["mbr", "match"] = "mbr"
+    match_weight: float = 0.0
     precision: Literal["fp32", "bf16"] = "fp32"  # the network's matmuls during sampling (bf16 autocast)
     seed: int = 0
 
@@ -471,6 +477,7 @@ def validate(config: Config) -> None:
     need(s.length == "free" or m.kind == "diffusion", "sample.length",
          "the autoregressive baseline ends its captions itself: use sample.length=free")
     need(s.candidates >= 1, "sample.candidates", "must be >= 1 (1 = one sample per image)")
+    need(s.match_weight >= 0, "sample.match_weight", "must be >= 0 (0 = the re-ranker's likelihood alone)")
     need(m.kind == "diffusion" or m.grid_pool > 0, "model.grid_pool",
          "the autoregressive decoder cross-attends to the grid: grid_pool must be > 0")
     need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")

@@ -26,9 +26,10 @@ from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
 from diffcap.models.denoiser import Denoiser, DenoiserShape, ImageFeatures
 from diffcap.models.guidance import conditioned
 from diffcap.models.length import LengthPredictor, caption_lengths
+from diffcap.models.matching import ImageTextMatcher, fit_matcher
 from diffcap.rewards import CiderD
 from diffcap.selection import mbr_select
-from diffcap.text.retrieval import RetrievalMemory
+from diffcap.text.retrieval import RetrievalMemory, sentence_vectors
 from diffcap.text.space import TextSpace, load_backbone
 
 
@@ -52,6 +53,7 @@ class CaptionModel:
     train_image_hashes: torch.Tensor | None = None  # (N,) image_key_hashes of the training images
     memory: RetrievalMemory | None = None  # the text slot's training-image memory (model.text_slot="retrieved")
     lengths: LengthPredictor | None = None  # caption length from the image (sample.length="predicted")
+    matcher: ImageTextMatcher | None = None  # image–text agreement, to choose among samples (sample.select)
 
     def tensors(self, denoiser_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """What model.safetensors holds: denoiser weights (default: the live ones), text-space buffers and
@@ -64,6 +66,8 @@ class CaptionModel:
             out.update(self.memory.tensors())
         if self.lengths is not None:
             out.update(self.lengths.tensors())
+        if self.matcher is not None:
+            out.update(self.matcher.tensors())
         return out
 
     def with_text(self, image: ImageFeatures) -> ImageFeatures:
@@ -185,8 +189,12 @@ def load_model(directory: Path) -> tuple[CaptionModel, dict[str, Any]]:
         lengths = LengthPredictor.from_tensors(tensors)
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{directory}: its length predictor is damaged ({exc})") from exc
+    try:
+        matcher = ImageTextMatcher.from_tensors(tensors)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{directory}: its image–text matcher is damaged ({exc})") from exc
     return CaptionModel(config, space, denoiser, diffusion, tensors.get("data.train_image_hashes"), memory,
-                        lengths), meta
+                        lengths, matcher), meta
 
 
 def load_reranker(directory: Path, model: CaptionModel, model_meta: dict[str, Any] | None = None) -> CaptionModel:
@@ -281,14 +289,41 @@ def fit_length_predictor(space: TextSpace, pooled: torch.Tensor, captions: Seque
     return LengthPredictor.fit(pooled, caption_lengths(ids, space.sep_index), owners, space.max_length)
 
 
+def fit_caption_matcher(model: CaptionModel, pooled: torch.Tensor, captions: Sequence[Sequence[str]], *,
+                        progress: bool = False) -> ImageTextMatcher:
+    """An image–text matcher (models/matching.py) from the training images' pooled features (M, Dp) and their
+    captions (M lists), on the sentence vectors of the model's own text backbone."""
+    owners = torch.tensor([i for i, cs in enumerate(captions) for _ in cs], dtype=torch.long)
+    vectors = sentence_vectors(model.config.text.backbone, [c for cs in captions for c in cs], progress=progress)
+    return fit_matcher(pooled, vectors, owners, progress=progress)
+
+
+def matcher_scores(model: CaptionModel, image: ImageFeatures, captions: Sequence[str]) -> torch.Tensor:
+    """(B,) cosine agreement of caption b with image b by the checkpoint's matcher (higher is better)."""
+    if model.matcher is None:
+        raise ValueError("this checkpoint has no image–text matcher: add one with `diffcap fit-matcher`")
+    vectors = sentence_vectors(model.config.text.backbone, list(captions))
+    return model.matcher.similarity(image.pooled.float().cpu(), vectors)
+
+
 def add_length_predictor(directory: Path, predictor: LengthPredictor) -> Path:
     """Store `predictor` in an existing checkpoint (replacing any it had), rewritten atomically; its weights and
     training state are kept as they are, so a run resumes from it exactly as before."""
+    return add_tensors(directory, "length.", predictor.tensors())
+
+
+def add_matcher(directory: Path, matcher: ImageTextMatcher) -> Path:
+    """Store `matcher` in an existing checkpoint (replacing any it had), like `add_length_predictor`."""
+    return add_tensors(directory, "matcher.", matcher.tensors())
+
+
+def add_tensors(directory: Path, prefix: str, new: dict[str, torch.Tensor]) -> Path:
+    """Replace a checkpoint's tensors under `prefix` by `new`, rewritten atomically with everything else kept."""
     directory = Path(directory)
     config, meta, tensors = load_checkpoint(directory)
     train_meta, train_tensors = load_train_state(directory) if (directory / "train_state.json").exists() \
         else (None, None)
-    tensors = {k: v for k, v in tensors.items() if not k.startswith("length.")} | predictor.tensors()
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)} | new
     return save_checkpoint(directory, config_json=json.dumps(config, indent=2, sort_keys=True),
                            meta={k: v for k, v in meta.items() if k != "format_version"}, tensors=tensors,
                            train_tensors=train_tensors, train_meta=train_meta)
@@ -298,7 +333,7 @@ def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:
     """A captioning-only copy of a checkpoint: no optimizer or training state, network weights in fp16 when
     `half` (text-space statistics and vocabulary stay exact). It loads with `load_model` like any other."""
     config, meta, tensors = load_checkpoint(Path(source))
-    out = {k: v.half() if half and k.startswith("denoiser.") and v.is_floating_point() else v
+    out = {k: v.half() if half and k.startswith(("denoiser.", "matcher.")) and v.is_floating_point() else v
            for k, v in tensors.items()}
     meta = {k: v for k, v in meta.items() if k != "format_version"}
     meta.update(exported_from=str(source), weights_dtype="float16" if half else "float32")
@@ -340,15 +375,18 @@ def generate(
     spacing: str | None = None,
     length: str | None = None,
     reranker: CaptionModel | None = None,
+    select: str | None = None,
+    match_weight: float | None = None,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None).
 
     With `candidates` = N > 1 each image is captioned N times from independent noise (candidate k from seed
-    `seed + k`, so candidate 0 is the single-sample caption) and the minimum-Bayes-risk choice is returned.
+    `seed + k`, so candidate 0 is the single-sample caption) and one is kept: by `select` "mbr" the
+    minimum-Bayes-risk choice, by "match" the one the checkpoint's image–text matcher prefers.
     Row i starts from the noise of index `indices[i]` (default `first_index + i`; see below).
     `length="predicted"` fixes each caption's length from its image (the checkpoint's length predictor).
     `reranker`: an autoregressive model on the same image features; with candidates > 1 the candidate it finds
-    most likely (mean log-probability per word piece) is returned instead of the minimum-Bayes-risk one.
+    most likely (mean log-probability per word piece, plus `match_weight` x the matcher's cosine) is returned.
     """
     s = model.config.sample
     steps = s.steps if steps is None else steps
@@ -386,6 +424,16 @@ def generate(
     n = s.candidates if candidates is None else candidates
     if n < 1:
         raise ValueError(f"candidates must be >= 1, got {n}")
+    select = s.select if select is None else select
+    match_weight = s.match_weight if match_weight is None else match_weight
+    if select not in ("mbr", "match"):
+        raise ValueError(f"select must be mbr or match, got {select!r}")
+    if match_weight < 0:
+        raise ValueError(f"match_weight must be >= 0, got {match_weight}")
+    if n > 1 and image is not None and model.matcher is None and (
+            (select == "match" and reranker is None) or (match_weight > 0 and reranker is not None)):
+        raise ValueError("this checkpoint has no image–text matcher: add one with `diffcap fit-matcher`, "
+                         "or choose by select=mbr")
     if n > 1:
         if keep_trajectory:
             raise ValueError("a trajectory follows one sample: ask for it with candidates=1")
@@ -395,9 +443,15 @@ def generate(
                        indices=indices, precision=precision, solver=solver, spacing=spacing, length=length)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
         per_image = [list(row) for row in zip(*per_seed)]
-        if reranker is None or image is None:
+        flat = [c for k in range(n) for c in per_seed[k]]  # candidate k of image i is row k * B + i
+        if image is None or (reranker is None and select == "mbr"):
             return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
-        scores = caption_log_likelihood(reranker, image.repeat(n), [c for k in range(n) for c in per_seed[k]])
+        if reranker is None:
+            scores = matcher_scores(model, image.repeat(n), flat)
+        else:
+            scores = caption_log_likelihood(reranker, image.repeat(n), flat)
+            if match_weight > 0:
+                scores = scores + match_weight * matcher_scores(model, image.repeat(n), flat)
         best = scores.view(n, -1).argmax(0).tolist()  # candidate k of image i is row k * B + i
         return Generation([row[k] for row, k in zip(per_image, best)], [], per_image)
     B = len(image) if image is not None else (batch or 1)

@@ -56,6 +56,22 @@ class ImageTextMatcher(nn.Module):
     def describe(self) -> dict[str, int]:
         return asdict(self.shape)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores (keys `matcher.*`); the shape is read back from the weights."""
+        return {f"matcher.{k}": v.detach().clone() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ImageTextMatcher | None:
+        """The matcher stored among a checkpoint's tensors, None when it holds none."""
+        state = {k[len("matcher."):]: v.float() for k, v in tensors.items() if k.startswith("matcher.")}
+        if not state:
+            return None
+        hidden, image_dim = state["image.0.weight"].shape
+        shape = MatcherShape(image_dim, state["text.0.weight"].shape[1], hidden, state["image.2.weight"].shape[0])
+        matcher = cls(shape)
+        matcher.load_state_dict(state)
+        return matcher.eval()
+
 
 def fit_matcher(pooled: torch.Tensor, sentences: torch.Tensor, owners: torch.Tensor, *, epochs: int = 40,
                 batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0,
