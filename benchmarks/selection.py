@@ -25,8 +25,9 @@ from diffcap.config import DataConfig
 from diffcap.data.prepare import FeatureTable, default_cache_dir, ensure_features, load_encoder, split_records
 from diffcap.evaluate import caption_table
 from diffcap.metrics import score_captions
-from diffcap.models.matching import fit_matcher, retrieval_recall
-from diffcap.pipeline import caption_log_likelihood, load_model, load_reranker
+from diffcap.models.matching import retrieval_recall
+from diffcap.pipeline import caption_log_likelihood, fit_caption_matcher, load_model, load_reranker
+from diffcap.pipeline import matcher_scores as pipeline_matcher_scores
 from diffcap.rewards import CiderD
 from diffcap.selection import mbr_scores
 from diffcap.text.retrieval import sentence_vectors
@@ -80,7 +81,7 @@ def main() -> None:
     per_image = [[per_seed[k][i] for k in range(n)] for i in range(rows)]
     match = torch.zeros(n, rows)  # matcher cosine of each candidate with its image
     if args.match_weights:
-        match = matcher_scores(args, encoder, model.config.text.backbone, table, records, per_seed)
+        match = matcher_scores(args, encoder, model, table, records, per_seed)
     references = {r.key: list(r.captions) for r in records}
     oracle_reward = CiderD([r.captions for r in records])
 
@@ -130,25 +131,24 @@ def main() -> None:
               f"{cider(captions, half, rows):.1f} | {words:.1f} |", flush=True)
 
 
-def matcher_scores(args: argparse.Namespace, encoder, backbone: str, table: FeatureTable, records: list,
+def matcher_scores(args: argparse.Namespace, encoder, model, table: FeatureTable, records: list,
                    per_seed: list[list[str]]) -> torch.Tensor:
-    """(N, images) cosine of every candidate with its image, by a matcher fitted on the training split."""
+    """(N, images) cosine of every candidate with its image, by a matcher fitted on the training split
+    (what `diffcap fit-matcher` stores)."""
     train = split_records(DataConfig(root=args.root), "train")
     train_cache = ensure_features(encoder, train, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "train")
     train = [r for r in train if r.key in train_cache]
     train_table = FeatureTable.from_cache(train_cache, [r.key for r in train])
-    captions = [c for r in train for c in r.captions]
-    owners = torch.tensor([i for i, r in enumerate(train) for _ in r.captions])
-    vectors = sentence_vectors(backbone, captions, progress=True)
-    matcher = fit_matcher(train_table.pooled, vectors, owners, progress=True)
+    model.matcher = fit_caption_matcher(model, train_table.pooled, [r.captions for r in train], progress=True)
     dev_captions = [c for r in records for c in r.captions]
     dev_owners = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
-    t2i, i2t = retrieval_recall(matcher, table.pooled, sentence_vectors(backbone, dev_captions), dev_owners, k=5)
+    vectors = sentence_vectors(model.config.text.backbone, dev_captions)
+    t2i, i2t = retrieval_recall(model.matcher, table.pooled, vectors, dev_owners, k=5)
     print(f"matcher on dev references: text->image R@5 {t2i:.3f}, image->text R@5 {i2t:.3f} "
           f"({len(records)} images)")
+    image = table.batch(torch.arange(len(table.keys)), torch.device("cpu"))
     with torch.no_grad():
-        image = matcher.embed_image(table.pooled)
-        return torch.stack([(matcher.embed_text(sentence_vectors(backbone, c)) * image).sum(-1) for c in per_seed])
+        return torch.stack([pipeline_matcher_scores(model, image, c) for c in per_seed])
 
 
 if __name__ == "__main__":

@@ -510,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-penalty", type=float, default=None,
                    help="rounding margin against ending the caption (default: the checkpoint's sample.end_penalty)")
     p.add_argument("--candidates", type=int, default=None,
-                   help="diffusion: sample N captions per image, keep the minimum-Bayes-risk one (default: the checkpoint's)")
+                   help="diffusion: sample N captions per image, keep one (--select; default: the checkpoint's)")
     p.add_argument("--beam-size", type=int, default=None,
                    help="autoregressive baseline: beam width, 1 = greedy (default: the checkpoint's)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
@@ -578,21 +578,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the jsonl to write")
     p.set_defaults(func=cmd_distill_data)
 
-    p = sub.add_parser("fit-length", help="add a caption-length predictor to a diffusion checkpoint trained "
-                                          "before training fitted one (for --length predicted)")
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (rewritten atomically)")
-    _add_dataset_args(p)
-    p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.set_defaults(func=cmd_fit_length)
-
-    p = sub.add_parser("fit-matcher", help="add an image-text matcher to a diffusion checkpoint, to choose among "
-                                           "its samples (--candidates N --select match)")
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory (rewritten atomically)")
-    _add_dataset_args(p)
-    p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
-    p.add_argument("--cache-dir", type=Path, default=None)
-    p.set_defaults(func=cmd_fit_matcher)
+    for name, func, help_text in (
+            ("fit-length", cmd_fit_length, "add a caption-length predictor to a diffusion checkpoint trained before "
+                                           "training fitted one (for --length predicted)"),
+            ("fit-matcher", cmd_fit_matcher, "add an image-text matcher to a diffusion checkpoint, to choose among "
+                                             "its samples (--candidates N --select match)")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("checkpoint", type=Path, help="checkpoint directory (rewritten atomically)")
+        _add_dataset_args(p)
+        p.add_argument("--split", default="train", help="the split the checkpoint was trained on (default train)")
+        p.add_argument("--cache-dir", type=Path, default=None)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("sweep", help="train (and evaluate) every variant of a config grid with the same budget and seed")
     p.add_argument("config", help="base preset name or JSON file")
