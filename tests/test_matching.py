@@ -63,8 +63,10 @@ def test_a_stored_matcher_scores_as_the_fitted_one() -> None:
 def test_fit_matcher_command_and_select_match(tiny_checkpoint, shapes_jsonl, tmp_path, capsys) -> None:
     """`diffcap fit-matcher` stores a matcher (weights untouched, only on training images), and with it
     `select="match"` keeps, for each image, the candidate the matcher scores highest."""
+    import json
     import shutil
 
+    from diffcap.captioner import Captioner
     from diffcap.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
     from diffcap.cli import main
     from diffcap.models.denoiser import ImageFeatures
@@ -93,12 +95,28 @@ def test_fit_matcher_command_and_select_match(tiny_checkpoint, shapes_jsonl, tmp
         rows = ImageFeatures(image.pooled[i: i + 1].repeat(4, 1), image.grid[i: i + 1].repeat(4, 1, 1))
         assert out.captions[i] == row[int(matcher_scores(model, rows, row).argmax())]
     assert generate(model, image, steps=2, candidates=4).candidates == out.candidates  # the same samples
+    # `caption --select match` (and Captioner's select=) keeps the matcher's choice among each photo's samples
+    photos = sorted((shapes_jsonl.parent / "images").glob("dev_*.png"))
+    assert main(["caption", str(ckpt), *map(str, photos), "--steps", "2", "--candidates", "4", "--select", "match",
+                 "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == len(photos) == 4
+    captioner = Captioner.from_pretrained(ckpt)
+    features = captioner.features(photos)
+    for i, record in enumerate(records):
+        rows = ImageFeatures(features.pooled[i: i + 1].repeat(4, 1), features.grid[i: i + 1].repeat(4, 1, 1))
+        assert record["caption"] == record["candidates"][int(matcher_scores(model, rows, record["candidates"]).argmax())]
+    assert captioner.caption(photos, steps=2, candidates=4, select="match") == [r["caption"] for r in records]
+    # without a matcher, a clear one-line refusal
+    assert main(["caption", str(tiny_checkpoint), str(photos[0]), "--candidates", "2", "--select", "match"]) == 2
+    err = capsys.readouterr().err
+    assert "no image–text matcher" in err and "Traceback" not in err
     exported = load_model(export_model(ckpt, tmp_path / "exported"))[0]  # fp16 matcher, same choice
     assert exported.matcher is not None and exported.matcher.shape == model.matcher.shape
     # a damaged matcher is a clear checkpoint error, not a traceback from load_state_dict
     config, meta, tensors = load_checkpoint(ckpt)
     del tensors["matcher.text.0.weight"]
-    save_checkpoint(ckpt, config_json=__import__("json").dumps(config), tensors=tensors,
+    save_checkpoint(ckpt, config_json=json.dumps(config), tensors=tensors,
                     meta={k: v for k, v in meta.items() if k != "format_version"})
     with pytest.raises(CheckpointError, match="matcher is damaged"):
         load_model(ckpt)

@@ -65,7 +65,7 @@ class CaptionResult:
     path: str  # the file as given, or "<image N>" for an in-memory image
     caption: str | None  # None when the image could not be loaded
     error: str | None = None  # the reason, when caption is None
-    candidates: list[str] = field(default_factory=list)  # with candidates = N > 1: the N samples MBR chose from
+    candidates: list[str] = field(default_factory=list)  # with candidates = N > 1: the N samples it was chosen from
 
     @property
     def ok(self) -> bool:
@@ -153,10 +153,12 @@ class Captioner:
 
     def caption(self, images: Sequence[ImageInput] | ImageInput, *, steps: int | None = None,
                 guidance: float | None = None, batch_size: int = 32, seed: int | None = None,
-                candidates: int | None = None, errors: Errors = "raise") -> list[str | None]:
+                candidates: int | None = None, select: str | None = None, match_weight: float | None = None,
+                errors: Errors = "raise") -> list[str | None]:
         """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config.
-        `candidates` = N > 1 samples N captions per image and keeps the minimum-Bayes-risk one (or, with a
-        reranker, the one it finds most likely).
+        `candidates` = N > 1 samples N captions per image and keeps one: by `select` "mbr" the minimum-Bayes-risk
+        one, by "match" the one the checkpoint's image–text matcher prefers; with a reranker, the one it finds
+        most likely (plus `match_weight` x the matcher's cosine).
 
         `errors="raise"` (default): an image that cannot be loaded raises ImageLoadError naming it and why.
         `errors="skip"`: its caption is None, a warning names it and its reason, and every other image is
@@ -168,7 +170,7 @@ class Captioner:
             images = [images]
         out: list[str | None] = []
         for result in self.caption_stream(images, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
-                                          candidates=candidates):
+                                          candidates=candidates, select=select, match_weight=match_weight):
             if not result.ok:
                 if errors == "raise":
                     raise ImageLoadError(result.path, result.error or "")
@@ -178,7 +180,8 @@ class Captioner:
 
     def caption_stream(self, images: Iterable[ImageInput], *, indices: Iterable[int] | None = None,
                        steps: int | None = None, guidance: float | None = None, batch_size: int = 32,
-                       seed: int | None = None, candidates: int | None = None) -> Iterator[CaptionResult]:
+                       seed: int | None = None, candidates: int | None = None, select: str | None = None,
+                       match_weight: float | None = None) -> Iterator[CaptionResult]:
         """Caption `images` a batch at a time, yielding one CaptionResult per image in order: memory stays
         bounded by `batch_size` whatever the number of images, and an image that cannot be loaded becomes a
         result with its `error` instead of stopping the rest.
@@ -190,18 +193,19 @@ class Captioner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.reranker is not None and (self.model.config.sample.candidates if candidates is None else candidates) < 2:
             raise ValueError("re-ranking chooses among several samples: give candidates N (N >= 2)")
+        choice = dict(candidates=candidates, select=select, match_weight=match_weight)
         order = iter(indices) if indices is not None else None
         batch: list[tuple[int, ImageInput]] = []
         for k, image in enumerate(images):
             batch.append((next(order) if order is not None else k, image))
             if len(batch) == batch_size:
-                yield from self._caption_batch(batch, steps, guidance, seed, candidates)
+                yield from self._caption_batch(batch, steps, guidance, seed, choice)
                 batch = []
         if batch:
-            yield from self._caption_batch(batch, steps, guidance, seed, candidates)
+            yield from self._caption_batch(batch, steps, guidance, seed, choice)
 
     def _caption_batch(self, batch: list[tuple[int, ImageInput]], steps: int | None, guidance: float | None,
-                       seed: int | None, candidates: int | None) -> list[CaptionResult]:
+                       seed: int | None, choice: dict[str, Any]) -> list[CaptionResult]:
         results: list[CaptionResult] = []
         loaded: list[tuple[int, Image.Image]] = []
         for index, image in batch:
@@ -213,8 +217,7 @@ class Captioner:
                 results.append(CaptionResult(name, None, exc.reason))
         if loaded:
             gen = generate(self.model, self.features([image for _, image in loaded]), steps=steps, guidance=guidance,
-                           seed=seed, indices=[index for index, _ in loaded], candidates=candidates,
-                           reranker=self.reranker)
+                           seed=seed, indices=[index for index, _ in loaded], reranker=self.reranker, **choice)
             ok = [r for r in results if r.ok]
             for k, result in enumerate(ok):
                 result.caption = gen.captions[k]

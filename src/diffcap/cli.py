@@ -113,7 +113,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     if args.candidates is not None and args.trajectory:
         raise ValueError("--trajectory follows one sample: leave out --candidates")
-    if args.rerank is not None and (args.candidates is None or args.candidates < 2):
+    if args.rerank is not None and args.candidates is not None and args.candidates < 2:
         raise ValueError("--rerank chooses among several samples: give --candidates N (N >= 2)")
     if args.resume and args.output is None:
         raise ValueError("--resume continues an --output file: give --output too")
@@ -137,7 +137,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if not args.trajectory:
             yield from captioner.caption_stream((p for _, p in todo), indices=(k for k, _ in todo),
                                                 steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                                candidates=args.candidates, batch_size=args.batch_size)
+                                                candidates=args.candidates, select=args.select,
+                                                match_weight=args.match_weight, batch_size=args.batch_size)
             return
         for _, path in todo:  # each image alone, as `caption IMAGE` and the web app caption it
             try:
@@ -435,6 +436,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_selection_args(p: argparse.ArgumentParser) -> None:
+    """How one caption is kept among --candidates N samples (caption and evaluate)."""
+    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
+                   help="with --candidates N: keep the candidate this autoregressive model (trained on the same "
+                        "image features) finds most likely instead of the --select choice")
+    p.add_argument("--select", choices=["mbr", "match"], default=None,
+                   help="with --candidates N and no --rerank: keep the minimum-Bayes-risk candidate (mbr) or the "
+                        "one the checkpoint's image-text matcher prefers (match) (default: the checkpoint's)")
+    p.add_argument("--match-weight", type=float, default=None,
+                   help="with --rerank: add this weight x the matcher's cosine to the re-ranker's likelihood "
+                        "(default: the checkpoint's sample.match_weight)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffcap", description="Image captioning with a continuous diffusion language model")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -481,11 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--candidates", type=int, default=None,
-                   help="sample N captions per image and keep the minimum-Bayes-risk one (N times slower); "
-                        "JSON/CSV outputs list the N candidates too")
-    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
-                   help="with --candidates N: keep the candidate this autoregressive model (trained on the same "
-                        "image features) finds most likely instead of the minimum-Bayes-risk one")
+                   help="sample N captions per image and keep one (--select; N times slower; default: the "
+                        "checkpoint's sample.candidates); JSON/CSV outputs list the N candidates too")
+    _add_selection_args(p)
     p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
     p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
     p.add_argument("--json", action="store_true",
@@ -524,15 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", choices=["linspace", "trailing"], default=None,
                    help="timesteps T-1..0 (linspace) or T-1..T/S-1 (trailing: no step spent at t=0) "
                         "(default: the checkpoint's)")
-    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
-                   help="with --candidates N: keep the candidate this autoregressive model finds most likely "
-                        "instead of the minimum-Bayes-risk one")
-    p.add_argument("--select", choices=["mbr", "match"], default=None,
-                   help="with --candidates N and no --rerank: keep the minimum-Bayes-risk candidate (mbr) or the "
-                        "one the checkpoint's image-text matcher prefers (match) (default: the checkpoint's)")
-    p.add_argument("--match-weight", type=float, default=None,
-                   help="with --rerank: add this weight x the matcher's cosine to the re-ranker's likelihood "
-                        "(default: the checkpoint's sample.match_weight)")
+    _add_selection_args(p)
     p.add_argument("--length", choices=["free", "predicted"], default=None,
                    help="diffusion: let the denoiser end each caption (free), or fix its length from the image with "
                         "the checkpoint's length predictor (predicted) (default: the checkpoint's sample.length)")
