@@ -1,13 +1,17 @@
 """How to choose one caption among a diffusion model's N samples of each dev image: the first sample, minimum
 Bayes risk (MBR), the autoregressive model's likelihood (`evaluate --candidates N --rerank AR`), the two
 combined (log-probability + weight x MBR agreement), the summed log-probability over length^alpha, an
-image–text matcher fitted on the training captions (models/matching.py; alone and as log-probability +
-weight x cosine agreement), and an oracle that knows the references (the ceiling of any choice).
+image–text matcher fitted on the training captions (models/matching.py; alone, as cosine + weight x MBR
+agreement, and as log-probability + weight x cosine agreement), and an oracle that knows the references (the ceiling of any choice).
 Full dev, pycocoevalcap/PTB CIDEr; each rule also on the two halves of dev, so that a weight chosen on one half
 can be checked on the other.
 
-    python benchmarks/selection.py DIFFUSION_CHECKPOINT AR_CHECKPOINT [--candidates 8] [--cache FILE.json] \
-        [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--match-weights 1 2 4] [--root ../shared/data/flickr8k]
+    python benchmarks/selection.py DIFFUSION_CHECKPOINT [--rerank AR_CHECKPOINT] [--candidates 8] \
+        [--cache FILE.json] [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--match-weights 1 2 4] \
+        [--mbr-weights 0.5 1] [--stored-matcher] [--root ../shared/data/flickr8k]
+
+Without --rerank only the rules that need no autoregressive model are measured. --stored-matcher scores with
+the checkpoint's own matcher (what `diffcap fit-matcher` stored) instead of fitting one here.
 
 The N candidates of every image (candidate k from seed + k, as `evaluate --candidates` draws them) are kept in
 --cache, so a second call with another reranker or other weights does not sample again.
@@ -36,7 +40,8 @@ from diffcap.text.retrieval import sentence_vectors
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
-    p.add_argument("reranker")
+    p.add_argument("--rerank", type=Path, default=None, metavar="AR_CHECKPOINT",
+                   help="an autoregressive model for the likelihood rules (none: skip them)")
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--cache", type=Path, default=None, help="JSON file of the candidates (written when missing)")
     p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
@@ -44,11 +49,17 @@ def main() -> None:
                    help="length normalisation of the summed log-probability (1 = the mean, plain rerank)")
     p.add_argument("--match-weights", type=float, nargs="*", default=[1.0, 2.0, 4.0],
                    help="log-probability + weight x matcher cosine (none: skip the matcher)")
+    p.add_argument("--mbr-weights", type=float, nargs="*", default=[0.5, 1.0],
+                   help="matcher cosine + weight x MBR agreement")
+    p.add_argument("--stored-matcher", action="store_true",
+                   help="use the checkpoint's matcher instead of fitting one on the training split")
     p.add_argument("--root", default="../shared/data/flickr8k")
     p.add_argument("--limit", type=int, default=None, help="only the first N dev images (a quick check)")
     args = p.parse_args()
     model, meta = load_model(Path(args.checkpoint))
-    reranker = load_reranker(Path(args.reranker), model, meta)
+    reranker = None if args.rerank is None else load_reranker(args.rerank, model, meta)
+    if args.stored_matcher and model.matcher is None:
+        raise SystemExit(f"{args.checkpoint} holds no matcher: add one with `diffcap fit-matcher`")
     records = split_records(DataConfig(root=args.root), "dev")[: args.limit]
     encoder = load_encoder(model.config.encoder.name)
     cache = ensure_features(encoder, records, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "dev")
@@ -71,7 +82,7 @@ def main() -> None:
     logp = torch.empty(n, rows)  # mean log-probability per word piece
     pieces = torch.empty(n, rows)  # word pieces of each candidate, [SEP] included
     with torch.no_grad():
-        for start in range(0, rows, 256):
+        for start in range(0, rows if reranker is not None else 0, 256):
             idx = torch.arange(start, min(start + 256, rows))
             image = table.batch(idx, "cpu")
             for k in range(n):
@@ -80,7 +91,7 @@ def main() -> None:
                 pieces[k, idx] = (reranker.space.encode(chunk) != reranker.space.pad_index).sum(-1).float()
     per_image = [[per_seed[k][i] for k in range(n)] for i in range(rows)]
     match = torch.zeros(n, rows)  # matcher cosine of each candidate with its image
-    if args.match_weights:
+    if args.match_weights or args.stored_matcher:
         match = matcher_scores(args, encoder, model, table, records, per_seed)
     references = {r.key: list(r.captions) for r in records}
     oracle_reward = CiderD([r.captions for r in records])
@@ -99,6 +110,8 @@ def main() -> None:
                 score = logp[:m, i].tolist()
             elif rule == "match":
                 score = match[:m, i].tolist()
+            elif rule == "match-mbr":
+                score = (match[:m, i] + weight * torch.tensor(mbr_scores(row))).tolist()
             elif rule == "rerank-match":
                 score = (logp[:m, i] + weight * match[:m, i]).tolist()
             elif rule == "rerank-alpha":  # GNMT-style: summed log-probability / length^alpha (alpha = 1: the mean)
@@ -116,17 +129,21 @@ def main() -> None:
     print(f"{rows} dev images, {n} candidates each; CIDEr on all / first half / second half\n")
     print("| choice | candidates | all | 0–{0} | {0}–{1} | words/caption |".format(half, rows))
     print("|---|---|---|---|---|---|")
-    plan = [("first", 1, 0.0)] + [(rule, m, 0.0) for m in sorted({min(4, n), n}) for rule in ("mbr", "rerank")]
-    plan += [("rerank-alpha", n, a) for a in args.alphas]
-    plan += [("hybrid", n, w) for w in args.weights]
-    if args.match_weights:
-        plan += [("match", n, 0.0)] + [("rerank-match", n, w) for w in args.match_weights]
+    with_ar = ("rerank",) if reranker is not None else ()
+    plan = [("first", 1, 0.0)] + [(rule, m, 0.0) for m in sorted({min(4, n), n}) for rule in ("mbr", *with_ar)]
+    if reranker is not None:
+        plan += [("rerank-alpha", n, a) for a in args.alphas]
+        plan += [("hybrid", n, w) for w in args.weights]
+    if args.match_weights or args.stored_matcher:
+        plan += [("match", m, 0.0) for m in sorted({min(4, n), n})] + [("match-mbr", n, w) for w in args.mbr_weights]
+        if reranker is not None:
+            plan += [("rerank-match", n, w) for w in args.match_weights]
     plan += [("oracle", n, 0.0)]
     for rule, m, weight in plan:
         captions = choose(rule, m, weight)
         words = sum(len(c.split()) for c in captions) / rows
         name = {"hybrid": f"hybrid, weight {weight:g}", "rerank-alpha": f"rerank, length^{weight:g}",
-                "rerank-match": f"rerank + {weight:g} x match"}.get(rule, rule)
+                "rerank-match": f"rerank + {weight:g} x match", "match-mbr": f"match + {weight:g} x MBR"}.get(rule, rule)
         print(f"| {name} | {m} | {cider(captions, 0, rows):.1f} | {cider(captions, 0, half):.1f} | "
               f"{cider(captions, half, rows):.1f} | {words:.1f} |", flush=True)
 
@@ -134,12 +151,13 @@ def main() -> None:
 def matcher_scores(args: argparse.Namespace, encoder, model, table: FeatureTable, records: list,
                    per_seed: list[list[str]]) -> torch.Tensor:
     """(N, images) cosine of every candidate with its image, by a matcher fitted on the training split
-    (what `diffcap fit-matcher` stores)."""
-    train = split_records(DataConfig(root=args.root), "train")
-    train_cache = ensure_features(encoder, train, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "train")
-    train = [r for r in train if r.key in train_cache]
-    train_table = FeatureTable.from_cache(train_cache, [r.key for r in train])
-    model.matcher = fit_caption_matcher(model, train_table.pooled, [r.captions for r in train], progress=True)
+    (what `diffcap fit-matcher` stores), or by the checkpoint's own with --stored-matcher."""
+    if not args.stored_matcher:
+        train = split_records(DataConfig(root=args.root), "train")
+        cache = ensure_features(encoder, train, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "train")
+        train = [r for r in train if r.key in cache]
+        train_table = FeatureTable.from_cache(cache, [r.key for r in train])
+        model.matcher = fit_caption_matcher(model, train_table.pooled, [r.captions for r in train], progress=True)
     dev_captions = [c for r in records for c in r.captions]
     dev_owners = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
     vectors = sentence_vectors(model.config.text.backbone, dev_captions)
