@@ -132,6 +132,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     # each image keeps its index in the whole collection (its noise seed), resumed or not
     todo = [(k, path) for k, path in enumerate(found.images) if out is None or path not in out.done]
     captioner = Captioner.from_pretrained(checkpoint, rerank=args.rerank)
+    if args.rerank is not None and args.candidates is None and captioner.model.config.sample.candidates < 2:
+        raise ValueError("--rerank chooses among several samples and this checkpoint samples one: "
+                         "give --candidates N (N >= 2)")
 
     def results() -> Iterator[CaptionResult | tuple[CaptionResult, list[Any]]]:
         if not args.trajectory:
