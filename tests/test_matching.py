@@ -113,6 +113,20 @@ def test_fit_matcher_command_and_select_match(tiny_checkpoint, shapes_jsonl, tmp
     assert "no image–text matcher" in err and "Traceback" not in err
     exported = load_model(export_model(ckpt, tmp_path / "exported"))[0]  # fp16 matcher, same choice
     assert exported.matcher is not None and exported.matcher.shape == model.matcher.shape
+    # an exported copy can carry the choice as its sampling default (how the shipped checkpoint uses its matcher)
+    assert main(["export", str(ckpt), str(tmp_path / "choosing"), "sample.candidates=4", "sample.select=match"]) == 0
+    assert "with sampling defaults sample.candidates=4 sample.select=match" in capsys.readouterr().out
+    choosing = Captioner.from_pretrained(tmp_path / "choosing")
+    assert (choosing.model.config.sample.candidates, choosing.model.config.sample.select) == (4, "match")
+    assert choosing.caption(photos, steps=2) == choosing.caption(photos, steps=2, candidates=4, select="match")
+    assert main(["caption", str(tmp_path / "choosing"), *map(str, photos), "--steps", "2", "--json"]) == 0
+    assert all(len(r["candidates"]) == 4 for r in json.loads(capsys.readouterr().out))
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "x"), "sample.candidates=4", "sample.select=match"]) == 2
+    assert "no image–text matcher" in capsys.readouterr().err  # nothing to choose with
+    assert main(["export", str(ckpt), str(tmp_path / "x"), "model.layers=1"]) == 2
+    assert "only sampling defaults" in capsys.readouterr().err
+    assert main(["export", str(ckpt), str(tmp_path / "x"), "sample.candidates=0"]) == 2
+    assert "sample.candidates" in capsys.readouterr().err and not (tmp_path / "x").exists()
     # a damaged matcher is a clear checkpoint error, not a traceback from load_state_dict
     config, meta, tensors = load_checkpoint(ckpt)
     del tensors["matcher.text.0.weight"]

@@ -342,9 +342,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from diffcap.pipeline import export_model
 
-    out = export_model(args.checkpoint, args.out, half=not args.fp32)
+    out = export_model(args.checkpoint, args.out, half=not args.fp32, sample=args.sample)
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-    print(f"exported {args.checkpoint} -> {out} ({size:.1f} MiB)")
+    print(f"exported {args.checkpoint} -> {out} ({size:.1f} MiB)" +
+          (f" with sampling defaults {' '.join(args.sample)}" if args.sample else ""))
     return 0
 
 
@@ -573,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--fp32", action="store_true", help="keep the weights in fp32")
+    p.add_argument("sample", nargs="*", metavar="sample.FIELD=VALUE",
+                   help="sampling defaults of the copy (e.g. sample.candidates=8 sample.select=match)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("distill-data", help="a jsonl dataset whose training captions are a teacher's (sequence-level "

@@ -19,7 +19,7 @@ import torch
 
 from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_state, prefixed, save_checkpoint,
                                 unprefixed)
-from diffcap.config import Config, ConfigError
+from diffcap.config import Config, ConfigError, parse_literal, set_value, validate
 from diffcap.diffusion.gaussian import GaussianDiffusion
 from diffcap.losses import caption_losses, decoder_losses, self_critical_loss
 from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
@@ -329,16 +329,37 @@ def add_tensors(directory: Path, prefix: str, new: dict[str, torch.Tensor]) -> P
                            train_tensors=train_tensors, train_meta=train_meta)
 
 
-def export_model(source: Path, destination: Path, *, half: bool = True) -> Path:
+def export_model(source: Path, destination: Path, *, half: bool = True, sample: Sequence[str] = ()) -> Path:
     """A captioning-only copy of a checkpoint: no optimizer or training state, network weights in fp16 when
-    `half` (text-space statistics and vocabulary stay exact). It loads with `load_model` like any other."""
+    `half` (text-space statistics and vocabulary stay exact). It loads with `load_model` like any other.
+    `sample` holds `sample.field=value` overrides: the sampling defaults the copy captions with (how the shipped
+    checkpoint chooses among several samples, for instance); nothing else can change, since the weights fix it."""
     config, meta, tensors = load_checkpoint(Path(source))
+    if sample:
+        config = with_sample_defaults(config, sample, has_matcher=any(k.startswith("matcher.") for k in tensors))
     out = {k: v.half() if half and k.startswith(("denoiser.", "matcher.")) and v.is_floating_point() else v
            for k, v in tensors.items()}
     meta = {k: v for k, v in meta.items() if k != "format_version"}
     meta.update(exported_from=str(source), weights_dtype="float16" if half else "float32")
     return save_checkpoint(Path(destination), config_json=json.dumps(config, indent=2, sort_keys=True), meta=meta,
                            tensors=out)
+
+
+def with_sample_defaults(config: dict[str, Any], overrides: Sequence[str], *, has_matcher: bool) -> dict[str, Any]:
+    """A checkpoint's config dict with `sample.field=value` overrides applied and checked (ConfigError)."""
+    updated = Config.from_dict(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("sample."):
+            raise ConfigError(f"{item!r}: only sampling defaults (sample.field=value) can change in a copy; "
+                              "the rest is fixed by the trained weights")
+        set_value(updated, key, parse_literal(raw.strip()))
+    validate(updated)
+    if updated.sample.candidates > 1 and updated.sample.select == "match" and not has_matcher:
+        raise ConfigError("sample.select=match: this checkpoint has no image–text matcher; add one with "
+                          "`diffcap fit-matcher` before exporting")
+    return updated.to_dict()
 
 
 @dataclass
