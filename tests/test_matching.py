@@ -121,6 +121,9 @@ def test_fit_matcher_command_and_select_match(tiny_checkpoint, shapes_jsonl, tmp
     assert choosing.caption(photos, steps=2) == choosing.caption(photos, steps=2, candidates=4, select="match")
     assert main(["caption", str(tmp_path / "choosing"), *map(str, photos), "--steps", "2", "--json"]) == 0
     assert all(len(r["candidates"]) == 4 for r in json.loads(capsys.readouterr().out))
+    again = export_model(tmp_path / "choosing", tmp_path / "again")  # a copy of a copy names the trained checkpoint
+    assert load_checkpoint(again)[1]["exported_from"] == load_checkpoint(tmp_path / "choosing")[1]["exported_from"] \
+        == str(ckpt)
     assert main(["export", str(tiny_checkpoint), str(tmp_path / "x"), "sample.candidates=4", "sample.select=match"]) == 2
     assert "no image–text matcher" in capsys.readouterr().err  # nothing to choose with
     assert main(["export", str(ckpt), str(tmp_path / "x"), "model.layers=1"]) == 2

@@ -340,7 +340,8 @@ def export_model(source: Path, destination: Path, *, half: bool = True, sample: 
     out = {k: v.half() if half and k.startswith(("denoiser.", "matcher.")) and v.is_floating_point() else v
            for k, v in tensors.items()}
     meta = {k: v for k, v in meta.items() if k != "format_version"}
-    meta.update(exported_from=str(source), weights_dtype="float16" if half else "float32")
+    # a copy of a copy still names the checkpoint that training wrote
+    meta.update(exported_from=meta.get("exported_from", str(source)), weights_dtype="float16" if half else "float32")
     return save_checkpoint(Path(destination), config_json=json.dumps(config, indent=2, sort_keys=True), meta=meta,
                            tensors=out)
 
