@@ -328,13 +328,18 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
         config = PRESETS[preset]()
         for key, value in _flatten(data).items():
             set_value(config, key, value)
-    for item in overrides or []:
+    apply_overrides(config, overrides or [])
+    validate(config)
+    return config
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> None:
+    """Set `section.field=value` overrides on `config` (each checked and coerced; `validate` comes after)."""
+    for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-4")
         set_value(config, key.strip(), parse_literal(raw.strip()))
-    validate(config)
-    return config
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 
 from diffcap.checkpoint import (CheckpointError, load_checkpoint, load_train_state, prefixed, save_checkpoint,
                                 unprefixed)
-from diffcap.config import Config, ConfigError, parse_literal, set_value, validate
+from diffcap.config import Config, ConfigError, apply_overrides, validate
 from diffcap.diffusion.gaussian import GaussianDiffusion
 from diffcap.losses import caption_losses, decoder_losses, self_critical_loss
 from diffcap.models.autoregressive import CaptionDecoder, DecoderShape
@@ -348,14 +348,12 @@ def export_model(source: Path, destination: Path, *, half: bool = True, sample: 
 
 def with_sample_defaults(config: dict[str, Any], overrides: Sequence[str], *, has_matcher: bool) -> dict[str, Any]:
     """A checkpoint's config dict with `sample.field=value` overrides applied and checked (ConfigError)."""
-    updated = Config.from_dict(config)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key.startswith("sample."):
+        if not item.strip().startswith("sample."):
             raise ConfigError(f"{item!r}: only sampling defaults (sample.field=value) can change in a copy; "
                               "the rest is fixed by the trained weights")
-        set_value(updated, key, parse_literal(raw.strip()))
+    updated = Config.from_dict(config)
+    apply_overrides(updated, list(overrides))
     validate(updated)
     if updated.sample.candidates > 1 and updated.sample.select == "match" and not has_matcher:
         raise ConfigError("sample.select=match: this checkpoint has no image–text matcher; add one with "
