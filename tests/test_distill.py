@@ -11,7 +11,7 @@ import pytest
 from diffcap.cli import main
 from diffcap.config import DataConfig
 from diffcap.data.datasets import DatasetError, ImageRecord
-from diffcap.data.distill import image_root, read_teacher_captions, teacher_rows
+from diffcap.data.distill import best_captions, image_root, read_teacher_captions, teacher_rows
 from diffcap.data.prepare import split_records
 
 
@@ -67,3 +67,33 @@ def test_cli_writes_a_dataset_that_reads_back(tmp_path, shapes_jsonl, capsys) ->
     assert main(["distill-data", str(teacher), "--dataset", "jsonl", "--root", str(shapes_jsonl),
                  "--out", str(tmp_path / "none.jsonl")]) == 2
     assert "lack" in capsys.readouterr().err and not (tmp_path / "none.jsonl").exists()
+
+
+def test_best_captions_keep_each_images_caption_closest_to_its_references(tmp_path) -> None:
+    train = [ImageRecord("a.jpg", tmp_path / "a.jpg", ("a dog runs on the grass", "a brown dog runs on grass")),
+             ImageRecord("b.jpg", tmp_path / "b.jpg", ("a girl rides a red bike", "a child on a red bicycle")),
+             ImageRecord("c.jpg", tmp_path / "c.jpg", ("two men play football", "men playing soccer on a field"))]
+    first = {"a.jpg": "a dog runs on the grass", "b.jpg": "a dog runs on the grass", "c.jpg": "a cat"}
+    second = {"a.jpg": "a girl rides a red bike", "b.jpg": "a girl rides a red bike"}  # lacks c.jpg
+    chosen, wins = best_captions(train, [first, second])
+    assert chosen == {"a.jpg": "a dog runs on the grass", "b.jpg": "a girl rides a red bike", "c.jpg": "a cat"}
+    assert wins == [2, 1]
+    # equal scores: the earlier source's caption
+    assert best_captions(train, [second, dict(second)])[1] == [2, 0]
+    assert best_captions(train, [{}, {}]) == ({}, [0, 0])
+    with pytest.raises(DatasetError, match="no caption files"):
+        best_captions(train, [])
+
+
+def test_cli_chooses_among_several_caption_files(tmp_path, shapes_jsonl, capsys) -> None:
+    data = DataConfig(dataset="jsonl", root=str(shapes_jsonl))
+    train = split_records(data, "train")
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"captions": [{"image": r.key, "caption": r.captions[0]} for r in train]}))
+    bad.write_text(json.dumps({"captions": [{"image": r.key, "caption": "zzz"} for r in train]}))
+    out = tmp_path / "best.jsonl"
+    assert main(["distill-data", str(bad), str(good), "--dataset", "jsonl", "--root", str(shapes_jsonl),
+                 "--out", str(out)]) == 0
+    assert f"{good} ({len(train)} images)" in capsys.readouterr().out
+    again = DataConfig(dataset="jsonl", root=str(out), image_root=str(shapes_jsonl.parent))
+    assert [r.captions for r in split_records(again, "train")] == [(r.captions[0],) for r in train]

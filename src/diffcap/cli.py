@@ -351,13 +351,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_distill_data(args: argparse.Namespace) -> int:
     from diffcap.config import DataConfig
-    from diffcap.data.distill import image_root, read_teacher_captions, teacher_rows, write_jsonl
+    from diffcap.data.distill import best_captions, image_root, read_teacher_captions, teacher_rows, write_jsonl
     from diffcap.data.prepare import split_records
 
     data = DataConfig(dataset=args.dataset, root=str(args.root), image_root=str(args.image_root or ""),
                       annotations=str(args.annotations or ""))
     train, evaluation = split_records(data, args.train_split), split_records(data, args.eval_split)
-    rows = teacher_rows(train, read_teacher_captions(args.teacher), evaluation, train_split=args.train_split,
+    sources = [read_teacher_captions(path) for path in args.teacher]
+    teacher = sources[0]
+    if len(sources) > 1:
+        teacher, wins = best_captions(train, sources)
+        print("the caption with the best CIDEr-D against each image's references came from: " +
+              ", ".join(f"{path} ({n} images)" for path, n in zip(args.teacher, wins)))
+    rows = teacher_rows(train, teacher, evaluation, train_split=args.train_split,
                         eval_split=args.eval_split, keep_references=args.keep_references)
     folder = image_root(train + evaluation).resolve()
     out = write_jsonl(rows, args.out)
@@ -580,7 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill-data", help="a jsonl dataset whose training captions are a teacher's (sequence-level "
                                             "distillation; see diffcap/data/distill.py)")
-    p.add_argument("teacher", type=Path, help="the teacher's captions of the training split: an `evaluate --output` file")
+    p.add_argument("teacher", type=Path, nargs="+",
+                   help="the teacher's captions of the training split: an `evaluate --output` file; with several "
+                        "(e.g. samples under different --seed), each image keeps the one with the best CIDEr-D "
+                        "against its references")
     _add_dataset_args(p)
     p.add_argument("--train-split", default="train")
     p.add_argument("--eval-split", default="dev", help="kept with its own references")

@@ -8,6 +8,12 @@ on Flickr8k dev it moved the diffusion model from CIDEr 31.8 to 36.2 (BENCHMARKS
 The teacher's captions come from `diffcap evaluate TEACHER --split train --allow-training-images --output F`;
 `teacher_rows` turns them, with the dataset's evaluation split (its own references, untouched), into the rows of
 a jsonl dataset. Image keys stay the dataset's, so the feature cache and the leakage fingerprints still apply.
+
+Several caption files of the same images (a model's samples under different seeds, or several teachers) can be
+merged by `best_captions`: each training image keeps the caption with the highest CIDEr-D against its own
+references, the reward of self-critical training. Training a diffusion model on the best of its own samples
+(reward-ranked self-training, as in ReST / RAFT for language models) moves its single sample towards the
+best of several without an autoregressive model.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 from diffcap.checkpoint import write_text_atomic
 from diffcap.data.datasets import DatasetError, ImageRecord
+from diffcap.rewards import CiderD
 
 
 def read_teacher_captions(path: Path) -> dict[str, str]:
@@ -51,6 +58,29 @@ def teacher_rows(train: list[ImageRecord], teacher: Mapping[str, str], evaluatio
              "split": train_split} for r in train]
     rows += [{"image": r.key, "caption": list(r.captions), "split": eval_split} for r in evaluation]
     return rows
+
+
+def best_captions(train: list[ImageRecord], sources: list[Mapping[str, str]]) -> tuple[dict[str, str], list[int]]:
+    """Each training image's caption with the highest CIDEr-D against its references, among `sources` (image key
+    -> caption; ties go to the earlier source), and how many images each source won. An image that a source lacks
+    is judged among the others; one that every source lacks is left out (teacher_rows names it)."""
+    if not sources:
+        raise DatasetError("no caption files to choose from")
+    cider = CiderD([list(r.captions) for r in train])
+    chosen: dict[str, str] = {}
+    wins = [0] * len(sources)
+    for i, record in enumerate(train):
+        best, best_score = -1, -1.0
+        for k, source in enumerate(sources):
+            caption = source.get(record.key, "").strip()
+            if caption:
+                score = cider.score(caption, i)
+                if score > best_score:
+                    best, best_score = k, score
+        if best >= 0:
+            chosen[record.key] = sources[best][record.key]
+            wins[best] += 1
+    return chosen, wins
 
 
 def image_root(records: list[ImageRecord]) -> Path:
