@@ -3,14 +3,16 @@
 added to autoregressive log-probabilities (log p + w x cosine), on all of dev and on its two halves.
 
     python benchmarks/matcher_variants.py runs/sel/shipped8.json --variants base base:0,1,2 hard grid batch1024 \
-        [--rerank runs/ar/cider15/checkpoint runs/ar/xe20/checkpoint] [--root ../shared/data/flickr8k] [--out runs/mexp]
+        [--rerank runs/ar/cider15/checkpoint runs/ar/xe20/checkpoint] [--encoder efficientnet_lite2] \
+        [--root ../shared/data/flickr8k] [--out runs/mexp]
 
 The candidates file is what `benchmarks/selection.py --cache` writes. Variants (`NAME[:SEED,SEED...]`, several
 seeds average their cosines): `base` the shipped recipe (pooled vector, batch 256, 40 epochs); `batch1024`
 (batch 1024, 80 epochs, lr 2e-3); `grid` (the pooled vector and 4 attention-pooled views of the 7x7 grid);
 `hard` (every other epoch in batches of similar images, k-means with 24 clusters on the pooled vectors, so the
 other captions of a batch are hard negatives). With two --rerank models the mean of their log-probabilities is
-tried too. Sentence vectors, log-probabilities and cosines are kept under --out.
+tried too. --encoder gives the matcher another image encoder's features (cached by `diffcap features --encoder
+NAME` first); the autoregressive models keep the diffusion model's. Sentence vectors are kept under --out.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["base"])
     p.add_argument("--rerank", type=Path, nargs="*", default=[], metavar="AR_CHECKPOINT")
     p.add_argument("--weights", type=float, nargs="+", default=[2.0, 4.0, 8.0])
+    p.add_argument("--encoder", default=None, help="the matcher's image features (default: the diffusion model's)")
     p.add_argument("--root", default="../shared/data/flickr8k")
     p.add_argument("--out", type=Path, default=Path("runs/mexp"))
     args = p.parse_args()
@@ -117,14 +120,22 @@ def main() -> None:
     saved = json.loads(args.candidates.read_text())
     candidates: list[list[str]] = saved["candidates"]
     model, meta = load_model(Path(saved["checkpoint"]))
-    encoder = load_encoder(model.config.encoder.name)
-    splits = {}
-    for split in ("train", "dev"):
-        records = split_records(DataConfig(root=args.root), split)
-        cache = ensure_features(encoder, records, default_cache_dir("flickr8k", Path(args.root), encoder.name) / split)
-        records = [r for r in records if r.key in cache]
-        splits[split] = records, FeatureTable.from_cache(cache, [r.key for r in records])
+
+    def tables(encoder_name: str) -> dict[str, tuple[list, FeatureTable]]:
+        encoder, splits = load_encoder(encoder_name), {}
+        for split in ("train", "dev"):
+            records = split_records(DataConfig(root=args.root), split)
+            cache = ensure_features(encoder, records, default_cache_dir("flickr8k", Path(args.root), encoder.name) / split)
+            records = [r for r in records if r.key in cache]
+            splits[split] = records, FeatureTable.from_cache(cache, [r.key for r in records])
+        return splits
+
+    splits = tables(model.config.encoder.name)
     (train, train_table), (dev, dev_table) = splits["train"], splits["dev"]
+    match_splits = splits if args.encoder in (None, model.config.encoder.name) else tables(args.encoder)
+    if [r.key for r in match_splits["dev"][0]] != [r.key for r in dev]:
+        raise SystemExit(f"the {args.encoder} feature cache lacks dev images: run diffcap features --encoder {args.encoder}")
+    match_train_table, match_dev_table = match_splits["train"][1], match_splits["dev"][1]
     n, rows = len(candidates), len(dev)
 
     def vectors(name: str, sentences: list[str]) -> torch.Tensor:
@@ -135,8 +146,8 @@ def main() -> None:
 
     train_vectors = vectors("train", [c for r in train for c in r.captions])
     dev_vectors = vectors("dev", [c for r in dev for c in r.captions])
-    candidate_vectors = vectors("candidates", [c for row in candidates for c in row]).view(n, rows, -1)
-    owners = torch.tensor([i for i, r in enumerate(train) for _ in r.captions])
+    candidate_vectors = vectors(f"candidates_{args.candidates.stem}", [c for row in candidates for c in row]).view(n, rows, -1)
+    owners = torch.tensor([i for i, r in enumerate(match_splits["train"][0]) for _ in r.captions])
     dev_owners = torch.tensor([i for i, r in enumerate(dev) for _ in r.captions])
     references = {r.key: list(r.captions) for r in dev}
 
@@ -149,7 +160,7 @@ def main() -> None:
         print(f"| {name} | {cider(choice, 0, rows):.1f} | {cider(choice, 0, rows // 2):.1f} | "
               f"{cider(choice, rows // 2, rows):.1f} |", flush=True)
 
-    pooled, grid = dev_table.pooled.float(), dev_table.grid.float()
+    pooled, grid = match_dev_table.pooled.float(), match_dev_table.grid.float()
     cosines: dict[str, torch.Tensor] = {}
     print(f"{rows} dev images, {n} candidates each; CIDEr on all / first half / second half\n")
     print(f"| choice | all | 0–{rows // 2} | {rows // 2}–{rows} |\n|---|---|---|---|")
@@ -157,7 +168,7 @@ def main() -> None:
         kind, _, seeds = spec.partition(":")
         per_seed = []
         for seed in [int(s) for s in (seeds or "0").split(",")]:
-            embed_image, embed_text = fit_variant(kind, train_table, train_vectors, owners, seed)
+            embed_image, embed_text = fit_variant(kind, match_train_table, train_vectors, owners, seed)
             with torch.no_grad():
                 images = embed_image(pooled, grid)
                 sims = embed_text(dev_vectors) @ images.T
