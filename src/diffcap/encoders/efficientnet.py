@@ -164,8 +164,8 @@ class EfficientNetLite0Encoder(ImageEncoder):
 
 
 class EfficientNetLite2Encoder(EfficientNetLite0Encoder):
-    """Frozen EfficientNet-Lite2 (ImageNet top-1 77.6 against Lite0's 75.1; about half its speed on 2 CPU cores) at its
-    260 px training size: pooled (B,1280), grid (B,81,1280)."""
+    """Frozen EfficientNet-Lite2 (ImageNet top-1 77.6 against Lite0's 75.1; about half its speed on 2 CPU
+    cores) at its 260 px training size: pooled (B,1280), grid (B,81,1280)."""
 
     name = "efficientnet_lite2"
     image_size = 260
