@@ -103,7 +103,8 @@ def test_lite2_loads_its_packaged_weights_at_260_px() -> None:
 
     source = torch.load(lite2_weights_path(), map_location="cpu", weights_only=True)
     mapped = map_lukemelas_keys(source, LITE2_STAGE_SIZES)
-    assert timm.create_model("tf_efficientnet_lite2", pretrained=False).load_state_dict(mapped, strict=True)
+    result = timm.create_model("tf_efficientnet_lite2", pretrained=False).load_state_dict(mapped, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == [] and len(mapped) == len(source)
     with pytest.raises(ValueError, match="block index"):  # Lite2's 21 blocks do not fit Lite0's 16
         map_lukemelas_keys(source)
     encoder = build_encoder("efficientnet_lite2")
