@@ -72,3 +72,26 @@ def test_candidates_flag_reaches_the_sampler(capsys, monkeypatch) -> None:
     assert chosen == [3] and len(capsys.readouterr().out.split()) >= 2  # one choice among 3 samples
     assert main(["caption", photo, "--candidates", "3", "--trajectory"]) == 2
     assert "leave out --candidates" in capsys.readouterr().err
+
+
+def test_shipped_model_finds_fluent_captions_of_the_photo_more_likely() -> None:
+    """The model's own denoising loss (sample.self_weight) reads as a caption likelihood: each photo's caption
+    costs less than the same words shuffled, and a caption of the astronaut or of the cat costs least under its
+    own photo. (Not every caption does: "a cup of coffee" scores better under the cat photo, and "a rocket" under
+    the coffee cup: these photos are far from Flickr8k's people and dogs.)"""
+    from diffcap.captioner import Captioner
+    from diffcap.pipeline import denoising_cross_entropy
+
+    captioner = Captioner.from_pretrained(DEFAULT_CHECKPOINT)
+    photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    assert [p.name for p in photos] == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    image, rows = captioner.features(photos), list(range(len(photos)))
+    fluent = ["a man in a space suit stands in front of a flag .", "a cat is laying on a blanket .",
+              "a cup of coffee on a table .", "a rocket is launching into the sky ."]
+    shuffled = ["front a of in flag suit man space a stands in .", "blanket a on laying is cat a .",
+                "table of a coffee on cup a .", "sky the launching rocket into a is ."]
+    assert (denoising_cross_entropy(captioner.model, image, fluent, rows)
+            < denoising_cross_entropy(captioner.model, image, shuffled, rows) - 0.3).all()
+    for k in (0, 1):  # the same caption and noise under each photo
+        across = denoising_cross_entropy(captioner.model, image, [fluent[k]] * len(photos), [0] * len(photos))
+        assert int(across.argmin()) == k

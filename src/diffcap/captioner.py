@@ -154,11 +154,12 @@ class Captioner:
     def caption(self, images: Sequence[ImageInput] | ImageInput, *, steps: int | None = None,
                 guidance: float | None = None, batch_size: int = 32, seed: int | None = None,
                 candidates: int | None = None, select: str | None = None, match_weight: float | None = None,
-                errors: Errors = "raise") -> list[str | None]:
+                self_weight: float | None = None, errors: Errors = "raise") -> list[str | None]:
         """One caption per image (paths or PIL images); defaults come from the checkpoint's sample config.
         `candidates` = N > 1 samples N captions per image and keeps one: by `select` "mbr" the minimum-Bayes-risk
         one, by "match" the one the checkpoint's image–text matcher prefers; with a reranker, the one it finds
-        most likely (plus `match_weight` x the matcher's cosine).
+        most likely (plus `match_weight` x the matcher's cosine); `self_weight` > 0 subtracts that weight x the
+        model's own denoising cross-entropy of each candidate from either score.
 
         `errors="raise"` (default): an image that cannot be loaded raises ImageLoadError naming it and why.
         `errors="skip"`: its caption is None, a warning names it and its reason, and every other image is
@@ -170,7 +171,8 @@ class Captioner:
             images = [images]
         out: list[str | None] = []
         for result in self.caption_stream(images, steps=steps, guidance=guidance, batch_size=batch_size, seed=seed,
-                                          candidates=candidates, select=select, match_weight=match_weight):
+                                          candidates=candidates, select=select, match_weight=match_weight,
+                                          self_weight=self_weight):
             if not result.ok:
                 if errors == "raise":
                     raise ImageLoadError(result.path, result.error or "")
@@ -181,7 +183,7 @@ class Captioner:
     def caption_stream(self, images: Iterable[ImageInput], *, indices: Iterable[int] | None = None,
                        steps: int | None = None, guidance: float | None = None, batch_size: int = 32,
                        seed: int | None = None, candidates: int | None = None, select: str | None = None,
-                       match_weight: float | None = None) -> Iterator[CaptionResult]:
+                       match_weight: float | None = None, self_weight: float | None = None) -> Iterator[CaptionResult]:
         """Caption `images` a batch at a time, yielding one CaptionResult per image in order: memory stays
         bounded by `batch_size` whatever the number of images, and an image that cannot be loaded becomes a
         result with its `error` instead of stopping the rest.
@@ -193,7 +195,7 @@ class Captioner:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if self.reranker is not None and (self.model.config.sample.candidates if candidates is None else candidates) < 2:
             raise ValueError("re-ranking chooses among several samples: give candidates N (N >= 2)")
-        choice = dict(candidates=candidates, select=select, match_weight=match_weight)
+        choice = dict(candidates=candidates, select=select, match_weight=match_weight, self_weight=self_weight)
         order = iter(indices) if indices is not None else None
         batch: list[tuple[int, ImageInput]] = []
         for k, image in enumerate(images):

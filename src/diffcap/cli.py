@@ -9,7 +9,10 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffcap.config import SampleConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,6 +104,18 @@ def _checkpoint_and_images(paths: list[str], checkpoint: Path | None) -> tuple[P
     return resolve_checkpoint(None), paths
 
 
+def _self_weight_used(args: argparse.Namespace, sample: SampleConfig) -> bool:
+    """Whether the matcher's score (and so sample.self_weight) decides among the candidates of this command;
+    a --self-weight given where it would not is refused, not ignored."""
+    select = sample.select if args.select is None else args.select
+    match_weight = sample.match_weight if args.match_weight is None else args.match_weight
+    used = match_weight > 0 if args.rerank is not None else select == "match"
+    if args.self_weight is not None and args.self_weight != 0 and not used:
+        raise ValueError("--self-weight refines the image-text matcher's score, which this choice does not use: "
+                         "give --select match, or --match-weight W > 0 with --rerank")
+    return used
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     import time
 
@@ -135,13 +150,15 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.rerank is not None and args.candidates is None and captioner.model.config.sample.candidates < 2:
         raise ValueError("--rerank chooses among several samples and this checkpoint samples one: "
                          "give --candidates N (N >= 2)")
+    _self_weight_used(args, captioner.model.config.sample)
 
     def results() -> Iterator[CaptionResult | tuple[CaptionResult, list[Any]]]:
         if not args.trajectory:
             yield from captioner.caption_stream((p for _, p in todo), indices=(k for k, _ in todo),
                                                 steps=args.steps, guidance=args.guidance, seed=args.seed,
                                                 candidates=args.candidates, select=args.select,
-                                                match_weight=args.match_weight, batch_size=args.batch_size)
+                                                match_weight=args.match_weight, self_weight=args.self_weight,
+                                                batch_size=args.batch_size)
             return
         for _, path in todo:  # each image alone, as `caption IMAGE` and the web app caption it
             try:
@@ -268,7 +285,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = {name: getattr(model.config.sample, name) if getattr(args, name) is None else getattr(args, name)
                 for name in ("steps", "guidance", "clamp", "collapse_repeats", "end_penalty", "seed", "candidates",
                              "beam_size", "precision", "time_difference", "eta", "solver", "spacing", "length",
-                             "select", "match_weight")}
+                             "select", "match_weight", "self_weight")}
+    if not model.autoregressive and not _self_weight_used(args, model.config.sample):
+        settings["self_weight"] = 0.0  # the choice does not use the matcher: recorded as unused
     reranker = None
     if args.rerank is not None:
         reranker = load_reranker(args.rerank, model, meta)
@@ -457,6 +476,10 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--match-weight", type=float, default=None,
                    help="with --rerank: add this weight x the matcher's cosine to the re-ranker's likelihood "
                         "(default: the checkpoint's sample.match_weight)")
+    p.add_argument("--self-weight", type=float, default=None,
+                   help="with --candidates N: subtract this weight x the diffusion model's own denoising "
+                        "cross-entropy of each candidate from the --select match (or --rerank) score "
+                        "(default: the checkpoint's sample.self_weight)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,11 @@ class SampleConfig:
     # match_weight x the matcher's cosine when match_weight > 0.
     select: Literal["mbr", "match"] = "mbr"
     match_weight: float = 0.0
+    # the matcher's score of a candidate is its cosine less self_weight x the diffusion model's own denoising
+    # cross-entropy of it (how badly the model reconstructs the caption from fixed noise at four noise levels,
+    # given the image; pipeline.denoising_cross_entropy); 0 = the cosine alone. It counts wherever the matcher
+    # does: select=match, or a re-ranker with match_weight > 0 (ABLATIONS.md, "own score")
+    self_weight: float = 0.0
     precision: Literal["fp32", "bf16"] = "fp32"  # the network's matmuls during sampling (bf16 autocast)
     seed: int = 0
 
@@ -483,6 +488,9 @@ def validate(config: Config) -> None:
          "the autoregressive baseline ends its captions itself: use sample.length=free")
     need(s.candidates >= 1, "sample.candidates", "must be >= 1 (1 = one sample per image)")
     need(s.match_weight >= 0, "sample.match_weight", "must be >= 0 (0 = the re-ranker's likelihood alone)")
+    need(s.self_weight >= 0, "sample.self_weight", "must be >= 0 (0 = the choice ignores the model's own score)")
+    need(s.self_weight == 0 or s.select == "match", "sample.self_weight",
+         "refines the matcher's choice, and select=mbr does not use the matcher: use sample.select=match")
     need(m.kind == "diffusion" or m.grid_pool > 0, "model.grid_pool",
          "the autoregressive decoder cross-attends to the grid: grid_pool must be > 0")
     need(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")

@@ -303,7 +303,48 @@ def matcher_scores(model: CaptionModel, image: ImageFeatures, captions: Sequence
     if model.matcher is None:
         raise ValueError("this checkpoint has no image–text matcher: add one with `diffcap fit-matcher`")
     vectors = sentence_vectors(model.config.text.backbone, list(captions))
-    return model.matcher.similarity(image.pooled.float().cpu(), vectors)
+    with torch.no_grad():
+        return model.matcher.similarity(image.pooled.float().cpu(), vectors)
+
+
+def row_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """(len(seeds), *shape) standard normal noise, row i from its own generator seeded by seeds[i]."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+# the noise levels, as fractions of the diffusion's T, at which `denoising_cross_entropy` reconstructs a caption
+SELF_SCORE_LEVELS = (0.1, 0.3, 0.5, 0.8)
+SELF_SCORE_SALT = 1 << 40  # its noise seeds sit far from the sampling seeds (seed * 1_000_003 + index)
+
+
+def denoising_cross_entropy(model: CaptionModel, image: ImageFeatures, captions: Sequence[str],
+                            rows: Sequence[int], seed: int = 0) -> torch.Tensor:
+    """(B,) the diffusion model's own reading of how unlikely caption b is for image b (lower is better).
+
+    Caption b is embedded, noised to each of SELF_SCORE_LEVELS (fixed noise seeded by `seed` and `rows[b]`, so
+    the candidates of one image meet the same noise), and the model estimates it back as in training (with its
+    self-conditioning pass); the score is the mean cross-entropy per position of the caption's word pieces under
+    the rounding logits of those estimates, averaged over the levels: a per-sample denoising loss. An empty
+    caption scores +inf.
+    """
+    if model.autoregressive:
+        raise ValueError("denoising_cross_entropy scores captions with a diffusion model")
+    if not len(captions) == len(rows) == len(image):
+        raise ValueError(f"{len(captions)} captions, {len(rows)} rows and {len(image)} images: one each")
+    device = next(model.denoiser.parameters()).device
+    empty = torch.tensor([not c.strip() for c in captions])
+    ids = model.space.encode([c if c.strip() else "." for c in captions]).to(device)
+    x0 = model.space.embed(ids, model.word_table)
+    noise = row_noise(x0.shape[1:], [SELF_SCORE_SALT + seed * 1_000_003 + r for r in rows]).to(device)
+    network = conditioned(model.denoiser, model.with_text(image), 0.0)
+    T, total = model.diffusion.num_timesteps, torch.zeros(len(captions), device=device)
+    with torch.no_grad():
+        for level in SELF_SCORE_LEVELS:
+            t = torch.full((len(captions),), min(T - 1, round(level * T)), device=device)
+            pred = model.diffusion.training_prediction(network, x0, t, noise, model.denoiser.shape.self_condition)
+            log_probs = model.space.logits(pred.x0_hat, model.word_table).float().log_softmax(-1)
+            total -= log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).mean(1)
+    return (total / len(SELF_SCORE_LEVELS)).cpu().masked_fill(empty, float("inf"))
 
 
 def add_length_predictor(directory: Path, predictor: LengthPredictor) -> Path:
@@ -397,6 +438,7 @@ def generate(
     reranker: CaptionModel | None = None,
     select: str | None = None,
     match_weight: float | None = None,
+    self_weight: float | None = None,
 ) -> Generation:
     """Captions for a batch of image features (or `batch` unconditional ones when image is None).
 
@@ -407,6 +449,8 @@ def generate(
     `length="predicted"` fixes each caption's length from its image (the checkpoint's length predictor).
     `reranker`: an autoregressive model on the same image features; with candidates > 1 the candidate it finds
     most likely (mean log-probability per word piece, plus `match_weight` x the matcher's cosine) is returned.
+    `self_weight` > 0 subtracts that weight x the model's own `denoising_cross_entropy` of each candidate from the
+    matcher's cosine, wherever the cosine counts (select="match", or a reranker with match_weight > 0).
     """
     s = model.config.sample
     steps = s.steps if steps is None else steps
@@ -450,6 +494,9 @@ def generate(
         raise ValueError(f"select must be mbr or match, got {select!r}")
     if match_weight < 0:
         raise ValueError(f"match_weight must be >= 0, got {match_weight}")
+    self_weight = s.self_weight if self_weight is None else self_weight
+    if self_weight < 0:
+        raise ValueError(f"self_weight must be >= 0, got {self_weight}")
     if n > 1 and image is not None and model.matcher is None and (
             (select == "match" and reranker is None) or (match_weight > 0 and reranker is not None)):
         raise ValueError("this checkpoint has no image–text matcher: add one with `diffcap fit-matcher`, "
@@ -466,12 +513,19 @@ def generate(
         flat = [c for k in range(n) for c in per_seed[k]]  # candidate k of image i is row k * B + i
         if image is None or (reranker is None and select == "mbr"):
             return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
+        def agreement() -> torch.Tensor:  # the matcher's cosine, less self_weight x the model's own loss
+            cosine = matcher_scores(model, image.repeat(n), flat)
+            if self_weight == 0:
+                return cosine
+            rows = list(indices) if indices is not None else [first_index + i for i in range(len(image))]
+            return cosine - self_weight * denoising_cross_entropy(model, image.repeat(n), flat, rows * n, base)
+
         if reranker is None:
-            scores = matcher_scores(model, image.repeat(n), flat)
+            scores = agreement()
         else:
             scores = caption_log_likelihood(reranker, image.repeat(n), flat)
             if match_weight > 0:
-                scores = scores + match_weight * matcher_scores(model, image.repeat(n), flat)
+                scores = scores + match_weight * agreement()
         best = scores.view(n, -1).argmax(0).tolist()  # candidate k of image i is row k * B + i
         return Generation([row[k] for row, k in zip(per_image, best)], [], per_image)
     B = len(image) if image is not None else (batch or 1)
@@ -485,9 +539,7 @@ def generate(
     if indices is not None and len(indices) != B:
         raise ValueError(f"indices: {len(indices)} given for {B} rows")
     rows = list(indices) if indices is not None else [first_index + i for i in range(B)]
-    noise = torch.stack([
-        torch.randn(shape[1:], generator=torch.Generator().manual_seed(base * 1_000_003 + index)) for index in rows
-    ])
+    noise = row_noise(shape[1:], [base * 1_000_003 + index for index in rows])
     model.denoiser.eval()
     lengths = None
     if length == "predicted":
