@@ -159,7 +159,7 @@ class Captioner:
         `candidates` = N > 1 samples N captions per image and keeps one: by `select` "mbr" the minimum-Bayes-risk
         one, by "match" the one the checkpoint's image–text matcher prefers; with a reranker, the one it finds
         most likely (plus `match_weight` x the matcher's cosine); `self_weight` > 0 subtracts that weight x the
-        model's own denoising cross-entropy of each candidate from either score.
+        model's own denoising cross-entropy of each candidate from the matcher's cosine, wherever it counts.
 
         `errors="raise"` (default): an image that cannot be loaded raises ImageLoadError naming it and why.
         `errors="skip"`: its caption is None, a warning names it and its reason, and every other image is

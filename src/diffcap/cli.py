@@ -478,7 +478,8 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint's sample.match_weight)")
     p.add_argument("--self-weight", type=float, default=None,
                    help="with --candidates N: subtract this weight x the diffusion model's own denoising "
-                        "cross-entropy of each candidate from the --select match (or --rerank) score "
+                        "cross-entropy of each candidate from the matcher's cosine (--select match, or --rerank "
+                        "with --match-weight W > 0) "
                         "(default: the checkpoint's sample.self_weight)")
 
 
