@@ -513,6 +513,7 @@ def generate(
         flat = [c for k in range(n) for c in per_seed[k]]  # candidate k of image i is row k * B + i
         if image is None or (reranker is None and select == "mbr"):
             return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
+
         def agreement() -> torch.Tensor:  # the matcher's cosine, less self_weight x the model's own loss
             cosine = matcher_scores(model, image.repeat(n), flat)
             if self_weight == 0:
