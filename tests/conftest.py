@@ -101,3 +101,18 @@ def tiny_checkpoint(shapes_jsonl: Path, tiny_config, tmp_path_factory: pytest.Te
     from diffcap.train import train
 
     return train(tiny_config(shapes_jsonl), tmp_path_factory.mktemp("tiny-run") / "run", progress=False)
+
+
+@pytest.fixture(scope="session")
+def matched_checkpoint(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny checkpoint with an image–text matcher fitted on its training images (read-only too)."""
+    import shutil
+
+    from diffcap.cli import main
+
+    ckpt = tmp_path_factory.mktemp("matched") / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    cache = tmp_path_factory.mktemp("matched-cache")
+    assert main(["fit-matcher", str(ckpt), "--dataset", "jsonl", "--root", str(shapes_jsonl),
+                 "--cache-dir", str(cache)]) == 0
+    return ckpt

@@ -123,12 +123,51 @@ def test_trajectory_tokens_follow_merged_repeats(tiny_checkpoint: Path) -> None:
 def test_samples_match_caption_and_trajectory(captioner: Captioner, shapes_jsonl: Path) -> None:
     image = _dev_images(shapes_jsonl)[0]
     samples = captioner.samples(image, 3, steps=STEPS, seed=1)
-    assert [s.caption for s in samples] == captioner.caption([image] * 3, steps=STEPS, seed=1)
-    alone = Sample(samples[0].caption, captioner.trajectory(image, steps=STEPS, seed=1))
-    _assert_same_samples([samples[0].to_dict()], [alone.to_dict()])
+    (result,) = captioner.caption_stream([image], steps=STEPS, seed=1, candidates=3)
+    assert [s.caption for s in samples] == result.candidates  # sample k is candidate k (the noise of seed 1 + k)
+    assert [s.caption for s in samples if s.chosen] == [result.caption]  # one kept, the caption's
+    assert [s.caption for s in captioner.samples(image, 1, steps=STEPS, seed=1)] == \
+        captioner.caption([image], steps=STEPS, seed=1, candidates=1)
+    # the checkpoint samples one caption: by default one sample, its caption and its trajectory
+    (alone,) = captioner.samples(image, steps=STEPS, seed=1)
+    assert alone.chosen and alone.to_dict() == {**samples[0].to_dict(), "chosen": True}
+    _assert_same_samples([alone.to_dict()], [Sample(alone.caption, captioner.trajectory(image, steps=STEPS, seed=1),
+                                                    chosen=True).to_dict()])
     assert [s.t for s in samples[1].trajectory] == [s.t for s in samples[0].trajectory]
     assert len(samples[0].trajectory) == STEPS and samples[0].trajectory[-1].t == 0
     assert captioner.samples(image, 2, steps=STEPS, trajectory=False)[1].trajectory == []
+
+
+def test_samples_and_trajectory_follow_the_kept_candidate(matched_checkpoint: Path, shapes_jsonl: Path) -> None:
+    """With several candidates and the matcher (and the model's own score) choosing, `samples` are exactly the
+    candidates `caption` draws for the image at its index, the kept one marked, and `trajectory` ends in it."""
+    captioner = Captioner.from_pretrained(matched_checkpoint)
+    sample = captioner.model.config.sample
+    sample.candidates, sample.select, sample.self_weight = 3, "match", 0.5
+    images = _dev_images(shapes_jsonl)
+    results = list(captioner.caption_stream(images, steps=STEPS, seed=4))
+    kept = []
+    for index, (image, result) in enumerate(zip(images, results)):
+        samples = captioner.samples(image, steps=STEPS, seed=4, index=index)
+        assert [s.caption for s in samples] == result.candidates and len(samples) == 3
+        (k,) = [k for k, s in enumerate(samples) if s.chosen]
+        assert samples[k].caption == result.caption
+        assert captioner.trajectory(image, steps=STEPS, seed=4, index=index) == samples[k].trajectory
+        kept.append(k)
+    assert any(k != 0 for k in kept), kept  # the choice moved off the first sample somewhere, and was followed
+
+
+def test_the_kept_sample_is_the_choice_made(captioner: Captioner, shapes_jsonl: Path, monkeypatch) -> None:
+    import diffcap.captioner
+
+    image = _dev_images(shapes_jsonl)[1]
+    monkeypatch.setattr(diffcap.captioner, "choose_candidates", lambda *args, **kwargs: [2])
+    samples = captioner.samples(image, 3, steps=STEPS, seed=1)
+    assert [s.chosen for s in samples] == [False, False, True]
+    service = CaptionService(captioner)
+    answer = service.caption(Image.open(image).convert("RGB"), {"steps": str(STEPS), "samples": "3", "seed": "1"})
+    assert answer["chosen"] == 2 and answer["caption"] == samples[2].caption
+    assert [s["chosen"] for s in answer["samples"]] == [False, False, True]
 
 
 def test_cli_trajectory_json_is_the_api_format(tiny_checkpoint: Path, shapes_jsonl: Path, captioner: Captioner,
@@ -143,6 +182,24 @@ def test_cli_trajectory_json_is_the_api_format(tiny_checkpoint: Path, shapes_jso
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("[")[0] for line in lines[1:]] == \
         ["  " + line.split("[")[0] for line in format_trajectory(sample.trajectory, confidence=True)]
+
+
+def test_cli_trajectory_follows_the_caption_it_keeps(matched_checkpoint: Path, shapes_jsonl: Path, capsys) -> None:
+    """`caption --trajectory` shows the trajectory of the caption plain `caption` prints, for every image of the
+    list (its index is its noise) and with the choice among candidates applied."""
+    images = [str(p) for p in _dev_images(shapes_jsonl)]
+    common = [str(matched_checkpoint), *images, "--steps", str(STEPS), "--seed", "4", "--candidates", "3",
+              "--select", "match", "--self-weight", "0.5", "--json"]
+    assert main(["caption", *common]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["caption", *common, "--trajectory"]) == 0
+    followed = json.loads(capsys.readouterr().out)
+    assert [(r["path"], r["caption"], r["candidates"]) for r in followed] == \
+        [(r["path"], r["caption"], r["candidates"]) for r in plain]
+    assert all(r["trajectory"][-1]["caption"] == r["caption"] for r in followed)
+    assert any(r["caption"] != r["candidates"][0] for r in plain)  # the choice is not simply the first sample
+    assert main(["caption", *common[:-1], "--trajectory"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{images[0]}: (the kept one of 3 samples)"
 
 
 # -- checkpoint resolution -------------------------------------------------------------------------------------
@@ -247,7 +304,8 @@ def test_32_concurrent_requests_each_get_their_own_answer(server: str, captioner
     """32 requests at once, each a different (image, seed, number of samples): every answer is its own."""
     images = _dev_images(shapes_jsonl)
     jobs = [(images[i % len(images)], i % 5, 1 + i % 3) for i in range(32)]
-    expected = {job: captioner.caption([job[0]] * job[2], steps=STEPS, seed=job[1]) for job in set(jobs)}
+    expected = {job: [s.caption for s in captioner.samples(job[0], job[2], steps=STEPS, seed=job[1], trajectory=False)]
+                for job in set(jobs)}
     start = threading.Barrier(32)
 
     def send(job):

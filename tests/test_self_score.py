@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,6 @@ import torch
 
 from diffcap.models.denoiser import ImageFeatures
 from diffcap.pipeline import CaptionModel, denoising_cross_entropy, generate, load_model, matcher_scores
-
-
-@pytest.fixture(scope="module")
-def matched_checkpoint(tiny_checkpoint: Path, shapes_jsonl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny checkpoint with an image–text matcher fitted on its training images."""
-    from diffcap.cli import main
-
-    ckpt = tmp_path_factory.mktemp("self") / "ckpt"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    cache = tmp_path_factory.mktemp("self-cache")
-    assert main(["fit-matcher", str(ckpt), "--dataset", "jsonl", "--root", str(shapes_jsonl),
-                 "--cache-dir", str(cache)]) == 0
-    return ckpt
 
 
 @pytest.fixture(scope="module")

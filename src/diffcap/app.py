@@ -8,12 +8,15 @@ dependency beyond the model's and makes no outside request. Endpoints:
     GET  /api/info         checkpoint, sampler defaults, limits, examples
     GET  /examples/K.png   example image K
     POST /api/caption      body: the image file's bytes; query: steps, guidance, samples, seed, trajectory
-                           (0/1), or example=K with no body. Answer: {"captions": [...], "samples":
-                           [{"caption", "trajectory": [{"t", "caption", "tokens": [{"token", "confidence"}]}]}],
-                           "steps", "guidance", "seed", "seconds"}; errors: {"error": message} with a 4xx status.
+                           (0/1), or example=K with no body. Answer: {"caption", "chosen", "captions": [...],
+                           "samples": [{"caption", "chosen", "trajectory": [{"t", "caption", "tokens": [{"token",
+                           "confidence"}]}]}], "steps", "guidance", "seed", "seconds"}; errors: {"error": message}
+                           with a 4xx status.
 
-Sample k of a request is the caption `Captioner.caption` gives the image when it is the k-th of a list (same
-seed), so sample 0 is what `diffcap caption CHECKPOINT IMAGE` prints. Uploads are limited in bytes (checked
+The samples of a request are the candidates `Captioner.caption` draws for the image with `candidates` = samples
+(`Captioner.samples`), and "caption" (sample "chosen") is the one it keeps, by the checkpoint's choice; with the
+default number of samples (the checkpoint's `sample.candidates`) it is what `diffcap caption CHECKPOINT IMAGE`
+prints. Uploads are limited in bytes (checked
 from Content-Length before reading) and pixels (checked from the image header before decoding, by
 `diffcap.data.images.load_image`); a bad file gets a one-line message, never a traceback. The model serves one
 request at a time (a lock); concurrent requests queue.
@@ -178,7 +181,9 @@ class CaptionService:
         self._lock = threading.Lock()
         model = captioner.model
         self.defaults = {"steps": model.config.sample.steps, "guidance": model.config.sample.guidance,
-                         "seed": model.config.sample.seed, "samples": 1}
+                         "seed": model.config.sample.seed,
+                         "samples": 1 if getattr(model, "autoregressive", False)
+                         else max(1, min(model.config.sample.candidates, limits.max_samples))}
         self.max_steps = min(limits.max_steps, model.diffusion.num_timesteps)
         # an autoregressive checkpoint (model.kind) writes word by word: it has no denoising trajectory
         self.has_trajectory = not getattr(model, "autoregressive", False)
@@ -216,7 +221,7 @@ class CaptionService:
     def caption(self, image: Image.Image, params: dict[str, str]) -> dict[str, Any]:
         steps = _int_param(params, "steps", min(self.defaults["steps"], self.max_steps), 1, self.max_steps)
         guidance = _float_param(params, "guidance", self.defaults["guidance"], 0.0, 20.0)
-        samples = _int_param(params, "samples", 1, 1, self.limits.max_samples)
+        samples = _int_param(params, "samples", self.defaults["samples"], 1, self.limits.max_samples)
         seed = _int_param(params, "seed", self.defaults["seed"], 0, 2**31 - 1)
         trajectory = self.has_trajectory and params.get("trajectory", "1") not in ("0", "false", "no")
         start = time.perf_counter()
@@ -226,7 +231,9 @@ class CaptionService:
                                                  trajectory=trajectory)
         except ValueError as exc:  # the sampler's own checks of its settings
             raise RequestError(400, str(exc).splitlines()[0] if str(exc) else "invalid settings") from None
+        chosen = next(k for k, r in enumerate(results) if r.chosen)
         return {
+            "caption": results[chosen].caption, "chosen": chosen,
             "captions": [r.caption for r in results],
             "samples": [r.to_dict() for r in results],
             "steps": steps, "guidance": guidance, "seed": seed,
@@ -507,7 +514,8 @@ label { display: block; margin: .5em 0 .1em; font-size: .9em; color: #444; }
 #error:empty { display: none; }
 #status { color: #666; min-height: 1.2em; }
 #captions li { margin: .25em 0; cursor: pointer; padding: .15em .3em; border-radius: 3px; }
-#captions li.chosen { background: #eef4ff; } #captions .text { font-weight: 600; font-size: 1.05em; }
+#captions li.chosen { background: #eef4ff; }
+#captions li.kept .text::after { content: "  kept"; font-weight: normal; font-size: .8em; color: #2563eb; } #captions .text { font-weight: 600; font-size: 1.05em; }
 table#trajectory { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: .9em; }
 #trajectory td { padding: 2px 6px; vertical-align: top; border-bottom: 1px solid #eee; }
 #trajectory td.t { color: #777; text-align: right; white-space: nowrap; }
@@ -529,7 +537,7 @@ denoising steps. <span id="checkpoint"></span></p>
   <label for="guidance">guidance weight (0 = off)</label>
   <div class="row"><input type="range" id="guidance-range" min="0" max="5" step="0.1" value="0">
     <input type="number" id="guidance" min="0" max="20" step="0.1" value="0"></div>
-  <label for="samples">number of captions</label>
+  <label for="samples">number of samples (the caption keeps one)</label>
   <div class="row"><input type="range" id="samples-range" min="1" max="8" value="1">
     <input type="number" id="samples" min="1" max="8" value="1"></div>
   <label for="seed">seed</label>
@@ -639,7 +647,7 @@ async function run() {
       $("status").textContent = "";
       $("captions").replaceChildren(); $("trajectory").tBodies[0].replaceChildren(); $("traj-which").textContent = "";
     } else {
-      last = data; render(0);
+      last = data; render(data.chosen);
       $("status").textContent = name + ": " + data.samples.length + " caption(s), " + data.steps + " steps, " +
                                 data.seconds.toFixed(2) + " s";
     }
@@ -660,6 +668,7 @@ function render(k) {
     span.textContent = s.caption || "(empty caption)";
     li.appendChild(span);
     li.classList.toggle("chosen", i === k);
+    li.classList.toggle("kept", s.chosen && last.samples.length > 1);
     if (last.samples.length > 1) li.title = "show this caption's trajectory";
     li.addEventListener("click", () => render(i));
     list.appendChild(li);

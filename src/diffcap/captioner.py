@@ -3,7 +3,7 @@
     from diffcap import Captioner
     captioner = Captioner.from_pretrained("runs/default/checkpoint")
     captioner.caption(["photo.jpg", pil_image], steps=20, guidance=0.0)
-    captioner.samples("photo.jpg", n=3)  # three captions, each with its denoising trajectory
+    captioner.samples("photo.jpg")  # the candidates `caption` chooses among, each with its trajectory
     for result in captioner.caption_stream(paths):  # a large collection in bounded memory; bad files reported
         print(result.path, result.caption if result.ok else result.error)
 
@@ -27,7 +27,8 @@ from diffcap.checkpoint import CheckpointError
 from diffcap.data.images import ImageLoadError, load_image
 from diffcap.encoders.base import ImageEncoder, build_encoder
 from diffcap.models.denoiser import ImageFeatures
-from diffcap.pipeline import CaptionModel, Generation, generate, load_model, load_reranker
+from diffcap.pipeline import (CaptionModel, Generation, choose_candidates, generate, load_model,
+                              load_reranker)
 
 ImageInput = str | Path | Image.Image
 Errors = Literal["raise", "skip"]
@@ -53,9 +54,11 @@ class TrajectoryStep:
 class Sample:
     caption: str
     trajectory: list[TrajectoryStep]  # empty unless asked for
+    chosen: bool = False  # the one of `Captioner.samples` that `Captioner.caption` keeps
 
     def to_dict(self) -> dict[str, Any]:
-        return {"caption": self.caption, "trajectory": [step.to_dict() for step in self.trajectory]}
+        return {"caption": self.caption, "chosen": self.chosen,
+                "trajectory": [step.to_dict() for step in self.trajectory]}
 
 
 @dataclass
@@ -230,26 +233,42 @@ class Captioner:
                    seed: int | None = None, index: int = 0) -> list[TrajectoryStep]:
         """The rounded prediction at every denoising step: watch words crystallise from noise.
 
-        It ends in the caption `caption(images)` gives this image when it is the `index`-th of the list.
+        It ends in the caption `caption(images)` gives this image when it is the `index`-th of the list: with
+        several candidates (the checkpoint's `sample.candidates`), the trajectory of the one it keeps.
         """
-        gen = generate(self.model, self.features([image]), steps=steps, guidance=guidance, seed=seed,
-                       first_index=index, keep_trajectory=True, candidates=1)
-        return trajectory_steps(self.model, gen)
+        samples = self.samples(image, steps=steps, guidance=guidance, seed=seed, index=index)
+        return next(sample for sample in samples if sample.chosen).trajectory
 
-    def samples(self, image: ImageInput, n: int = 1, *, steps: int | None = None, guidance: float | None = None,
-                seed: int | None = None, trajectory: bool = True) -> list[Sample]:
-        """`n` captions of one image from independent noise, in one batch, each with its trajectory.
+    def samples(self, image: ImageInput, n: int | None = None, *, steps: int | None = None,
+                guidance: float | None = None, seed: int | None = None, index: int = 0, trajectory: bool = True,
+                select: str | None = None, match_weight: float | None = None,
+                self_weight: float | None = None) -> list[Sample]:
+        """The `n` candidates `caption()` draws for this image, each with its trajectory, the one it keeps marked.
 
-        Sample k is the caption `caption(images)` gives this image when it is the k-th of the list, so the first
-        is what `caption(image)` and `diffcap caption` print (unless the checkpoint's `sample.candidates` > 1 makes
-        those a minimum-Bayes-risk choice among several samples: here every sample is shown instead).
+        Sample k is candidate k of `caption(images, candidates=n)` when the image is the `index`-th of the list
+        (noise of seed + k at that index), and the sample with `chosen` True is the caption that call returns,
+        by the same choice (the checkpoint's, unless `select`, `match_weight` or `self_weight` say otherwise;
+        the captioner's reranker if it has one). `n` defaults to the checkpoint's `sample.candidates`, so by
+        default the chosen sample is what `caption(image)` and `diffcap caption` print.
         """
+        s = self.model.config.sample
+        n = (1 if self.model.autoregressive else s.candidates) if n is None else n
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        gen = generate(self.model, self.features([image]).repeat(n), steps=steps, guidance=guidance, seed=seed,
-                       keep_trajectory=trajectory, candidates=1)
-        return [Sample(caption, trajectory_steps(self.model, gen, row) if trajectory else [])
-                for row, caption in enumerate(gen.captions)]
+        base = s.seed if seed is None else seed
+        features = self.features([image])
+        gens = [generate(self.model, features, steps=steps, guidance=guidance, seed=base + k, first_index=index,
+                         keep_trajectory=trajectory, candidates=1) for k in range(n)]
+        captions = [gen.captions[0] for gen in gens]
+        chosen = 0
+        if n > 1 and not self.model.autoregressive:
+            (chosen,) = choose_candidates(
+                self.model, features, [captions], rows=[index], seed=base, reranker=self.reranker,
+                select=s.select if select is None else select,
+                match_weight=s.match_weight if match_weight is None else match_weight,
+                self_weight=s.self_weight if self_weight is None else self_weight)
+        return [Sample(caption, trajectory_steps(self.model, gen) if trajectory else [], chosen=k == chosen)
+                for k, (caption, gen) in enumerate(zip(captions, gens))]
 
     def unconditional(self, n: int = 1, *, steps: int | None = None, seed: int | None = None) -> list[str]:
         """Captions sampled with no image at all (the model's learned caption prior)."""

@@ -126,8 +126,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from diffcap.data.images import ImageLoadError, load_image
     from diffcap.outputs import CaptionFile, output_format
 
-    if args.candidates is not None and args.trajectory:
-        raise ValueError("--trajectory follows one sample: leave out --candidates")
     if args.rerank is not None and args.candidates is not None and args.candidates < 2:
         raise ValueError("--rerank chooses among several samples: give --candidates N (N >= 2)")
     if args.resume and args.output is None:
@@ -160,14 +158,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
                                                 match_weight=args.match_weight, self_weight=args.self_weight,
                                                 batch_size=args.batch_size)
             return
-        for _, path in todo:  # each image alone, as `caption IMAGE` and the web app caption it
+        for index, path in todo:  # the candidates `caption_stream` draws for this image, and the one it keeps
             try:
-                sample = captioner.samples(load_image(path), 1, steps=args.steps, guidance=args.guidance,
-                                           seed=args.seed)[0]
+                samples = captioner.samples(load_image(path), args.candidates, steps=args.steps,
+                                            guidance=args.guidance, seed=args.seed, index=index, select=args.select,
+                                            match_weight=args.match_weight, self_weight=args.self_weight)
             except ImageLoadError as exc:
                 yield CaptionResult(path, None, exc.reason)
                 continue
-            yield CaptionResult(path, sample.caption), sample.trajectory
+            chosen = next(sample for sample in samples if sample.chosen)
+            candidates = [sample.caption for sample in samples] if len(samples) > 1 else []
+            yield CaptionResult(path, chosen.caption, candidates=candidates), chosen.trajectory
 
     failed = dict(found.failed)
     printed: list[dict[str, Any]] = []
@@ -194,7 +195,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             elif args.json:
                 printed.append(record)
             elif trajectory is not None:
-                print(f"{display_path(result.path)}:")
+                kept = f" (the kept one of {len(result.candidates)} samples)" if result.candidates else ""
+                print(f"{display_path(result.path)}:{kept}")
                 for line in format_trajectory(trajectory, confidence=args.confidence):
                     print(f"  {line}")
             else:
@@ -532,11 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample N captions per image and keep one (--select; N times slower; default: the "
                         "checkpoint's sample.candidates); JSON/CSV outputs list the N candidates too")
     _add_selection_args(p)
-    p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step")
+    p.add_argument("--trajectory", action="store_true", help="print the rounded caption at every denoising step of the "
+                                                           "sample the caption keeps")
     p.add_argument("--confidence", action="store_true", help="with --trajectory: each word piece's confidence too")
     p.add_argument("--json", action="store_true",
-                   help="print JSON records ({path, caption, ...}) instead of text (with --trajectory: each "
-                        "sample as the web app's API returns it, with its path)")
+                   help="print JSON records ({path, caption, ...}) instead of text (with --trajectory: the "
+                        "kept sample as the web app's API returns it, with its path and the candidates)")
     p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("evaluate", help="caption a split and score it (pycocoevalcap, PTB tokenisation)")

@@ -413,6 +413,39 @@ class Generation:
 
 
 @torch.no_grad()
+def choose_candidates(model: CaptionModel, image: ImageFeatures, candidates: Sequence[Sequence[str]], *,
+                      rows: Sequence[int], seed: int, reranker: CaptionModel | None = None, select: str = "match",
+                      match_weight: float = 0.0, self_weight: float = 0.0) -> list[int]:
+    """Which of its N candidates each image keeps: `candidates[i][k]` is candidate k of image i (N the same for
+    every image). With a reranker, the most likely one (mean log-probability per word piece, plus `match_weight` x
+    the matcher's agreement); else by `select`: "mbr" the minimum-Bayes-risk one, "match" the matcher's choice.
+    The matcher's agreement is its cosine less `self_weight` x the model's own `denoising_cross_entropy`, whose
+    noise comes from `seed` and each image's `rows` entry (its index in the caller's list)."""
+    n = len(candidates[0]) if candidates else 0
+    if any(len(row) != n for row in candidates) or len(candidates) != len(image) or len(rows) != len(image):
+        raise ValueError("choose_candidates: one row of N candidates and one row index per image")
+    if n == 1:
+        return [0] * len(candidates)
+    if reranker is None and select == "mbr":
+        return [mbr_select(row) for row in candidates]
+    flat = [row[k] for k in range(n) for row in candidates]  # candidate k of image i is flat[k * B + i]
+    repeated = image.repeat(n)
+
+    def agreement() -> torch.Tensor:  # the matcher's cosine, less self_weight x the model's own loss
+        cosine = matcher_scores(model, repeated, flat)
+        if self_weight == 0:
+            return cosine
+        return cosine - self_weight * denoising_cross_entropy(model, repeated, flat, list(rows) * n, seed)
+
+    if reranker is None:
+        scores = agreement()
+    else:
+        scores = caption_log_likelihood(reranker, repeated, flat)
+        if match_weight > 0:
+            scores = scores + match_weight * agreement()
+    return scores.view(n, -1).argmax(0).tolist()
+
+
 def generate(
     model: CaptionModel,
     image: ImageFeatures | None,
@@ -510,24 +543,11 @@ def generate(
                        indices=indices, precision=precision, solver=solver, spacing=spacing, length=length)
         per_seed = [generate(model, image, seed=base + k, candidates=1, **options).captions for k in range(n)]
         per_image = [list(row) for row in zip(*per_seed)]
-        flat = [c for k in range(n) for c in per_seed[k]]  # candidate k of image i is row k * B + i
-        if image is None or (reranker is None and select == "mbr"):
+        if image is None:
             return Generation([row[mbr_select(row)] for row in per_image], [], per_image)
-
-        def agreement() -> torch.Tensor:  # the matcher's cosine, less self_weight x the model's own loss
-            cosine = matcher_scores(model, image.repeat(n), flat)
-            if self_weight == 0:
-                return cosine
-            rows = list(indices) if indices is not None else [first_index + i for i in range(len(image))]
-            return cosine - self_weight * denoising_cross_entropy(model, image.repeat(n), flat, rows * n, base)
-
-        if reranker is None:
-            scores = agreement()
-        else:
-            scores = caption_log_likelihood(reranker, image.repeat(n), flat)
-            if match_weight > 0:
-                scores = scores + match_weight * agreement()
-        best = scores.view(n, -1).argmax(0).tolist()  # candidate k of image i is row k * B + i
+        rows = list(indices) if indices is not None else [first_index + i for i in range(len(image))]
+        best = choose_candidates(model, image, per_image, rows=rows, seed=base, reranker=reranker, select=select,
+                                 match_weight=match_weight, self_weight=self_weight)
         return Generation([row[k] for row, k in zip(per_image, best)], [], per_image)
     B = len(image) if image is not None else (batch or 1)
     base = s.seed if seed is None else seed
