@@ -71,8 +71,8 @@ def test_candidates_flag_reaches_the_sampler(capsys, monkeypatch) -> None:
     photo = str(sorted(EXAMPLES_DIR.glob("*.jpg"))[0])
     assert main(["caption", photo, "--candidates", "3", "--select", "mbr"]) == 0
     assert chosen == [3] and len(capsys.readouterr().out.split()) >= 2  # one choice among 3 samples
-    assert main(["caption", photo, "--candidates", "3", "--trajectory"]) == 2
-    assert "leave out --candidates" in capsys.readouterr().err
+    assert main(["caption", photo, "--candidates", "3", "--select", "mbr", "--trajectory"]) == 0
+    assert chosen == [3, 3] and "(the kept one of 3 samples)" in capsys.readouterr().out  # --trajectory: the same choice
 
 
 def test_shipped_model_finds_fluent_captions_of_the_photo_more_likely() -> None:
