@@ -98,3 +98,15 @@ def test_self_weight_counts_where_the_matcher_does_and_is_checked(matched: Capti
     assert "--self-weight refines the image-text matcher's score" in err and "Traceback" not in err
     assert main(["caption", ckpt, photo, "--steps", "2", "--candidates", "2", "--select", "match",
                  "--self-weight", "1"]) == 0
+
+
+def test_sampling_and_choosing_build_no_autograd_graph(matched: CaptionModel, monkeypatch) -> None:
+    """generate and choose_candidates run the denoiser without gradients (a graph per step would cost memory
+    and time), whatever the caller's grad mode."""
+    modes: list[bool] = []
+    forward = matched.denoiser.forward
+    monkeypatch.setattr(matched.denoiser, "forward",
+                        lambda *args, **kwargs: modes.append(torch.is_grad_enabled()) or forward(*args, **kwargs))
+    with torch.enable_grad():
+        generate(matched, features(matched, 2), steps=2, candidates=2, select="match", self_weight=0.5)
+    assert modes and not any(modes)

@@ -446,6 +446,7 @@ def choose_candidates(model: CaptionModel, image: ImageFeatures, candidates: Seq
     return scores.view(n, -1).argmax(0).tolist()
 
 
+@torch.no_grad()
 def generate(
     model: CaptionModel,
     image: ImageFeatures | None,
