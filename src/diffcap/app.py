@@ -16,10 +16,9 @@ dependency beyond the model's and makes no outside request. Endpoints:
 The samples of a request are the candidates `Captioner.caption` draws for the image with `candidates` = samples
 (`Captioner.samples`), and "caption" (sample "chosen") is the one it keeps, by the checkpoint's choice; with the
 default number of samples (the checkpoint's `sample.candidates`) it is what `diffcap caption CHECKPOINT IMAGE`
-prints. Uploads are limited in bytes (checked
-from Content-Length before reading) and pixels (checked from the image header before decoding, by
-`diffcap.data.images.load_image`); a bad file gets a one-line message, never a traceback. The model serves one
-request at a time (a lock); concurrent requests queue.
+prints. Uploads are limited in bytes (checked from Content-Length before reading) and pixels (checked from the
+image header before decoding, by `diffcap.data.images.load_image`); a bad file gets a one-line message, never a
+traceback. The model serves one request at a time (a lock); concurrent requests queue.
 """
 
 from __future__ import annotations
@@ -515,7 +514,8 @@ label { display: block; margin: .5em 0 .1em; font-size: .9em; color: #444; }
 #status { color: #666; min-height: 1.2em; }
 #captions li { margin: .25em 0; cursor: pointer; padding: .15em .3em; border-radius: 3px; }
 #captions li.chosen { background: #eef4ff; }
-#captions li.kept .text::after { content: "  kept"; font-weight: normal; font-size: .8em; color: #2563eb; } #captions .text { font-weight: 600; font-size: 1.05em; }
+#captions li.kept .text::after { content: "  kept"; font-weight: normal; font-size: .8em; color: #2563eb; }
+#captions .text { font-weight: 600; font-size: 1.05em; }
 table#trajectory { border-collapse: collapse; font-family: ui-monospace, monospace; font-size: .9em; }
 #trajectory td { padding: 2px 6px; vertical-align: top; border-bottom: 1px solid #eee; }
 #trajectory td.t { color: #777; text-align: right; white-space: nowrap; }
