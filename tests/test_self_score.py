@@ -110,3 +110,15 @@ def test_sampling_and_choosing_build_no_autograd_graph(matched: CaptionModel, mo
     with torch.enable_grad():
         generate(matched, features(matched, 2), steps=2, candidates=2, select="match", self_weight=0.5)
     assert modes and not any(modes)
+
+
+def test_choose_candidates_checks_its_settings(matched: CaptionModel) -> None:
+    """Captioner.samples chooses through choose_candidates directly: bad settings are refused there too."""
+    from diffcap.pipeline import choose_candidates
+
+    image, rows = features(matched, 1), [["a red circle", "a blue square"]]
+    for settings, message in [(dict(select="best"), "select must be"), (dict(self_weight=-1.0), "self_weight must"),
+                              (dict(match_weight=-1.0), "match_weight must")]:
+        with pytest.raises(ValueError, match=message):
+            choose_candidates(matched, image, rows, rows=[0], seed=0, **settings)
+    assert choose_candidates(matched, image, rows, rows=[0], seed=0, select="mbr") == [0]  # a tie: the first

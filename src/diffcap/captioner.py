@@ -262,11 +262,9 @@ class Captioner:
         captions = [gen.captions[0] for gen in gens]
         chosen = 0
         if n > 1 and not self.model.autoregressive:
-            (chosen,) = choose_candidates(
-                self.model, features, [captions], rows=[index], seed=base, reranker=self.reranker,
-                select=s.select if select is None else select,
-                match_weight=s.match_weight if match_weight is None else match_weight,
-                self_weight=s.self_weight if self_weight is None else self_weight)
+            (chosen,) = choose_candidates(self.model, features, [captions], rows=[index], seed=base,
+                                          reranker=self.reranker, select=select, match_weight=match_weight,
+                                          self_weight=self_weight)
         return [Sample(caption, trajectory_steps(self.model, gen) if trajectory else [], chosen=k == chosen)
                 for k, (caption, gen) in enumerate(zip(captions, gens))]
 

@@ -413,14 +413,32 @@ class Generation:
 
 
 @torch.no_grad()
+def choice_settings(model: CaptionModel, select: str | None, match_weight: float | None,
+                    self_weight: float | None) -> tuple[str, float, float]:
+    """select, match_weight and self_weight, each the checkpoint's `sample` value where None, checked."""
+    s = model.config.sample
+    select = s.select if select is None else select
+    match_weight = s.match_weight if match_weight is None else match_weight
+    self_weight = s.self_weight if self_weight is None else self_weight
+    if select not in ("mbr", "match"):
+        raise ValueError(f"select must be mbr or match, got {select!r}")
+    if match_weight < 0:
+        raise ValueError(f"match_weight must be >= 0, got {match_weight}")
+    if self_weight < 0:
+        raise ValueError(f"self_weight must be >= 0, got {self_weight}")
+    return select, match_weight, self_weight
+
+
 def choose_candidates(model: CaptionModel, image: ImageFeatures, candidates: Sequence[Sequence[str]], *,
-                      rows: Sequence[int], seed: int, reranker: CaptionModel | None = None, select: str = "match",
-                      match_weight: float = 0.0, self_weight: float = 0.0) -> list[int]:
+                      rows: Sequence[int], seed: int, reranker: CaptionModel | None = None, select: str | None = None,
+                      match_weight: float | None = None, self_weight: float | None = None) -> list[int]:
     """Which of its N candidates each image keeps: `candidates[i][k]` is candidate k of image i (N the same for
     every image). With a reranker, the most likely one (mean log-probability per word piece, plus `match_weight` x
     the matcher's agreement); else by `select`: "mbr" the minimum-Bayes-risk one, "match" the matcher's choice.
     The matcher's agreement is its cosine less `self_weight` x the model's own `denoising_cross_entropy`, whose
-    noise comes from `seed` and each image's `rows` entry (its index in the caller's list)."""
+    noise comes from `seed` and each image's `rows` entry (its index in the caller's list). A setting left None
+    is the checkpoint's."""
+    select, match_weight, self_weight = choice_settings(model, select, match_weight, self_weight)
     n = len(candidates[0]) if candidates else 0
     if any(len(row) != n for row in candidates) or len(candidates) != len(image) or len(rows) != len(image):
         raise ValueError("choose_candidates: one row of N candidates and one row index per image")
@@ -522,15 +540,7 @@ def generate(
     n = s.candidates if candidates is None else candidates
     if n < 1:
         raise ValueError(f"candidates must be >= 1, got {n}")
-    select = s.select if select is None else select
-    match_weight = s.match_weight if match_weight is None else match_weight
-    if select not in ("mbr", "match"):
-        raise ValueError(f"select must be mbr or match, got {select!r}")
-    if match_weight < 0:
-        raise ValueError(f"match_weight must be >= 0, got {match_weight}")
-    self_weight = s.self_weight if self_weight is None else self_weight
-    if self_weight < 0:
-        raise ValueError(f"self_weight must be >= 0, got {self_weight}")
+    select, match_weight, self_weight = choice_settings(model, select, match_weight, self_weight)
     if n > 1 and image is not None and model.matcher is None and (
             (select == "match" and reranker is None) or (match_weight > 0 and reranker is not None)):
         raise ValueError("this checkpoint has no image–text matcher: add one with `diffcap fit-matcher`, "
