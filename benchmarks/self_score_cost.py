@@ -33,10 +33,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model, _ = load_model(Path(args.checkpoint))
+    model, meta = load_model(Path(args.checkpoint))
     shape, g, B = model.denoiser.shape, torch.Generator().manual_seed(0), 64
     image = ImageFeatures(torch.randn(B, shape.pooled_dim, generator=g).abs(),
-                          torch.randn(B, 49, shape.grid_dim, generator=g).abs())
+                          torch.randn(B, meta["encoder"]["grid_size"] ** 2, shape.grid_dim, generator=g).abs())
     generate(model, image, candidates=1)  # warm-up
     one = timed("one sample, batch 64, 20 steps", lambda: generate(model, image, candidates=1))
     timed("4 candidates, matcher", lambda: generate(model, image, candidates=4, select="match", self_weight=0.0))

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffcap.models.denoiser import ImageFeatures
-from diffcap.pipeline import CaptionModel, denoising_cross_entropy, generate, load_model, matcher_scores
+from diffcap.pipeline import (CaptionModel, choose_candidates, denoising_cross_entropy, generate, load_model,
+                              matcher_scores)
 
 
 @pytest.fixture(scope="module")
@@ -109,13 +110,13 @@ def test_sampling_and_choosing_build_no_autograd_graph(matched: CaptionModel, mo
                         lambda *args, **kwargs: modes.append(torch.is_grad_enabled()) or forward(*args, **kwargs))
     with torch.enable_grad():
         generate(matched, features(matched, 2), steps=2, candidates=2, select="match", self_weight=0.5)
-    assert modes and not any(modes)
+        choose_candidates(matched, features(matched, 1), [["a red circle", "a blue square"]], rows=[0], seed=0,
+                          select="match", self_weight=0.5)  # as Captioner.samples calls it, outside generate
+    assert len(modes) > 2 * 2 and not any(modes)
 
 
 def test_choose_candidates_checks_its_settings(matched: CaptionModel) -> None:
     """Captioner.samples chooses through choose_candidates directly: bad settings are refused there too."""
-    from diffcap.pipeline import choose_candidates
-
     image, rows = features(matched, 1), [["a red circle", "a blue square"]]
     for settings, message in [(dict(select="best"), "select must be"), (dict(self_weight=-1.0), "self_weight must"),
                               (dict(match_weight=-1.0), "match_weight must")]:

@@ -412,7 +412,6 @@ class Generation:
     candidates: list[list[str]] = field(default_factory=list)
 
 
-@torch.no_grad()
 def choice_settings(model: CaptionModel, select: str | None, match_weight: float | None,
                     self_weight: float | None) -> tuple[str, float, float]:
     """select, match_weight and self_weight, each the checkpoint's `sample` value where None, checked."""
@@ -429,6 +428,7 @@ def choice_settings(model: CaptionModel, select: str | None, match_weight: float
     return select, match_weight, self_weight
 
 
+@torch.no_grad()
 def choose_candidates(model: CaptionModel, image: ImageFeatures, candidates: Sequence[Sequence[str]], *,
                       rows: Sequence[int], seed: int, reranker: CaptionModel | None = None, select: str | None = None,
                       match_weight: float | None = None, self_weight: float | None = None) -> list[int]:
