@@ -8,13 +8,15 @@ can be checked on the other.
 
     python benchmarks/selection.py DIFFUSION_CHECKPOINT [--rerank AR_CHECKPOINT] [--candidates 8] \
         [--cache FILE.json] [--weights 0.5 1 2 4] [--alphas 0.5 0.8] [--match-weights 1 2 4] \
-        [--mbr-weights 0.5 1] [--stored-matcher] [--root ../shared/data/flickr8k]
+        [--mbr-weights 0.5 1] [--stored-matcher | --matcher-encoder NAME] [--learned] [--root ../shared/data/flickr8k]
 
 Without --rerank only the rules that need no autoregressive model are measured. --stored-matcher scores with
-the checkpoint's own matcher (what `diffcap fit-matcher` stored) instead of fitting one here.
+the checkpoint's own matcher (what `diffcap fit-matcher` stored) instead of fitting one here. --learned adds a
+linear rule over all the scores (cross-fitted: its weights for each half of dev come from the other half).
 
 The N candidates of every image (candidate k from seed + k, as `evaluate --candidates` draws them) are kept in
---cache, so a second call with another reranker or other weights does not sample again.
+--cache, so a second call with another reranker or other weights does not sample again, and a call with more
+candidates than the cache holds samples only the missing ones.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def main() -> None:
                    help="log-probability + weight x matcher cosine (none: skip the matcher)")
     p.add_argument("--mbr-weights", type=float, nargs="*", default=[0.5, 1.0],
                    help="matcher cosine + weight x MBR agreement")
+    p.add_argument("--matcher-encoder", default=None,
+                   help="fit the matcher on another image encoder's features (cached by `diffcap features --encoder`)")
     p.add_argument("--stored-matcher", action="store_true",
                    help="use the checkpoint's matcher instead of fitting one on the training split")
     p.add_argument("--root", default="../shared/data/flickr8k")
     p.add_argument("--limit", type=int, default=None, help="only the first N dev images (a quick check)")
+    p.add_argument("--learned", action="store_true",
+                   help="also a linear rule over every score above, fitted on one half of dev and scored on the other")
     args = p.parse_args()
     model, meta = load_model(Path(args.checkpoint))
     reranker = None if args.rerank is None else load_reranker(args.rerank, model, meta)
@@ -67,14 +73,19 @@ def main() -> None:
     table = FeatureTable.from_cache(cache, [r.key for r in records])
     n, seed = args.candidates, model.config.sample.seed
 
+    per_seed: list[list[str]] = []
     if args.cache is not None and args.cache.exists():
-        per_seed: list[list[str]] = json.loads(args.cache.read_text())["candidates"]
-        if len(per_seed) < n or len(per_seed[0]) != len(records):
-            raise SystemExit(f"{args.cache}: holds {len(per_seed)} candidates of {len(per_seed[0])} images, "
-                             f"not {n} of {len(records)}")
+        cached = json.loads(args.cache.read_text())
+        per_seed = cached["candidates"]
+        if len(per_seed) < n and (cached["checkpoint"], cached["seed"]) != (args.checkpoint, seed):
+            raise SystemExit(f"{args.cache}: sampled from {cached['checkpoint']} (seed {cached['seed']}); "
+                             f"extending it needs that checkpoint and seed")
+        if len(per_seed[0]) != len(records):
+            raise SystemExit(f"{args.cache}: holds candidates of {len(per_seed[0])} images, not {len(records)}")
         per_seed = per_seed[:n]
-    else:
-        per_seed = [caption_table(model, table, seed=seed + k, desc=f"candidate {k + 1}/{n}") for k in range(n)]
+    if len(per_seed) < n:  # sample what the cache lacks: candidate k from seed + k, so a cache of 8 extends to 16
+        per_seed += [caption_table(model, table, seed=seed + k, desc=f"candidate {k + 1}/{n}")
+                     for k in range(len(per_seed), n)]
         if args.cache is not None:
             args.cache.write_text(json.dumps({"checkpoint": args.checkpoint, "seed": seed, "candidates": per_seed}))
 
@@ -95,6 +106,14 @@ def main() -> None:
         match = matcher_scores(args, encoder, model, table, records, per_seed)
     references = {r.key: list(r.captions) for r in records}
     oracle_reward = CiderD([r.captions for r in records])
+    half = rows // 2
+    learned = torch.zeros(n, rows)
+    if args.learned:
+        if reranker is None or not (args.match_weights or args.stored_matcher):
+            raise SystemExit("--learned needs --rerank and the matcher")
+        agreement = torch.tensor([mbr_scores(row) for row in per_image]).T
+        features = torch.stack([logp, logp * pieces, pieces, match, agreement])  # (F, N, images)
+        learned = cross_fitted_scores(features, records, per_image, half)
 
     def choose(rule: str, m: int, weight: float = 0.0) -> list[str]:
         chosen = []
@@ -114,6 +133,8 @@ def main() -> None:
                 score = (match[:m, i] + weight * torch.tensor(mbr_scores(row))).tolist()
             elif rule == "rerank-match":
                 score = (logp[:m, i] + weight * match[:m, i]).tolist()
+            elif rule == "learned":
+                score = learned[:m, i].tolist()
             elif rule == "rerank-alpha":  # GNMT-style: summed log-probability / length^alpha (alpha = 1: the mean)
                 score = (logp[:m, i] * pieces[:m, i] ** (1 - weight)).tolist()
             else:  # hybrid
@@ -125,7 +146,6 @@ def main() -> None:
         hyp = {records[i].key: captions[i] for i in range(lo, hi)}
         return score_captions(hyp, {k: references[k] for k in hyp}, meteor=False).metrics["CIDEr"]
 
-    half = rows // 2
     print(f"{rows} dev images, {n} candidates each; CIDEr on all / first half / second half\n")
     print("| choice | candidates | all | 0–{0} | {0}–{1} | words/caption |".format(half, rows))
     print("|---|---|---|---|---|---|")
@@ -138,6 +158,8 @@ def main() -> None:
         plan += [("match", m, 0.0) for m in sorted({min(4, n), n})] + [("match-mbr", n, w) for w in args.mbr_weights]
         if reranker is not None:
             plan += [("rerank-match", n, w) for w in args.match_weights]
+    if args.learned:
+        plan += [("learned", m, 0.0) for m in sorted({min(4, n), min(8, n), n})]
     plan += [("oracle", n, 0.0)]
     for rule, m, weight in plan:
         captions = choose(rule, m, weight)
@@ -148,10 +170,49 @@ def main() -> None:
               f"{cider(captions, half, rows):.1f} | {words:.1f} |", flush=True)
 
 
+FEATURES = ("mean log p", "summed log p", "word pieces", "matcher cosine", "MBR agreement")
+
+
+def cross_fitted_scores(features: torch.Tensor, records: list, per_image: list[list[str]], half: int) -> torch.Tensor:
+    """(N, images) scores of a linear rule over `features` (F, N, images): for each half of dev, weights fitted on
+    the other half to maximise the expected CIDEr-D of a softmax choice among each image's candidates (listwise),
+    the reward computed against that other half's references only. Features are standardised on the fitting half."""
+    rows = features.shape[-1]
+    scores = torch.empty(features.shape[1:])
+    for fit, apply in ((range(half, rows), range(0, half)), (range(0, half), range(half, rows))):
+        fit_idx, apply_idx = torch.tensor(list(fit)), torch.tensor(list(apply))
+        reward_fn = CiderD([records[i].captions for i in fit])
+        reward = torch.tensor([reward_fn.scores(per_image[i], [j] * len(per_image[i]))
+                               for j, i in enumerate(fit)]).T  # (N, fit images)
+        x = features[:, :, fit_idx]
+        mean, std = x.mean(dim=(1, 2), keepdim=True), x.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+        x = (x - mean) / std
+        weight = torch.zeros(features.shape[0], 1, 1, requires_grad=True)
+        optimiser = torch.optim.Adam([weight], lr=0.05)
+        for _ in range(500):
+            optimiser.zero_grad()
+            choice = torch.softmax((weight * x).sum(0), dim=0)  # over the candidates of each image
+            loss = -(choice * reward).sum(0).mean() + 1e-3 * weight.pow(2).sum()
+            loss.backward()
+            optimiser.step()
+        w = weight.detach()
+        scores[:, apply_idx] = (w * (features[:, :, apply_idx] - mean) / std).sum(0)
+        print(f"learned rule, fitted on dev {fit.start}–{fit.stop}: "
+              + ", ".join(f"{name} {v:+.2f}" for name, v in zip(FEATURES, w.flatten().tolist())))
+    return scores
+
+
 def matcher_scores(args: argparse.Namespace, encoder, model, table: FeatureTable, records: list,
                    per_seed: list[list[str]]) -> torch.Tensor:
     """(N, images) cosine of every candidate with its image, by a matcher fitted on the training split
-    (what `diffcap fit-matcher` stores), or by the checkpoint's own with --stored-matcher."""
+    (what `diffcap fit-matcher` stores; on --matcher-encoder's features if given), or by the checkpoint's own with
+    --stored-matcher."""
+    if args.matcher_encoder not in (None, encoder.name):
+        if args.stored_matcher:
+            raise SystemExit("--stored-matcher uses the checkpoint's encoder; drop --matcher-encoder")
+        encoder = load_encoder(args.matcher_encoder)
+        cache = ensure_features(encoder, records, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "dev")
+        table = FeatureTable.from_cache(cache, [r.key for r in records])
     if not args.stored_matcher:
         train = split_records(DataConfig(root=args.root), "train")
         cache = ensure_features(encoder, train, default_cache_dir("flickr8k", Path(args.root), encoder.name) / "train")
