@@ -3,7 +3,8 @@ SIGKILL) many training processes without paying Python's and torch's start-up ea
 
 Protocol, one JSON object a line: {"run": [argv...], "log": path} -> {"pid": N}; {"wait": N} -> {"code": exit
 code, negative = killed by that signal}. The server sets torch to one thread before anything runs, so forked
-children never inherit a thread pool (not fork-safe) and every run computes the same way.
+children never inherit a thread pool (not fork-safe) and every run computes the same way, and turns off tqdm's
+monitor thread; it reports any other thread it has when ready, and the client refuses to fork from such a server.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from pathlib import Path
 SERVER = r'''
 import json, os, sys, traceback
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+import threading
 import torch
+import tqdm
 torch.set_num_threads(1)
 torch.set_num_interop_threads(1)
+# no tqdm monitor thread: a fork while it holds tqdm's lock leaves the child's first progress bar waiting forever
+tqdm.tqdm.monitor_interval = 0
 import accelerate, torch.utils.tensorboard  # noqa: F401 - imported once, here
 import diffcap.cli, diffcap.train  # noqa: F401
 from diffcap.data.prepare import load_encoder
@@ -29,7 +34,8 @@ for name in warm.get("backbones", []):
     load_backbone(name)
 for name in warm.get("encoders", []):
     load_encoder(name)
-print(json.dumps({"ready": True}), flush=True)
+print(json.dumps({"ready": True, "threads": [t.name for t in threading.enumerate() if t is not threading.main_thread()]}),
+      flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     if "run" in request:
@@ -59,7 +65,9 @@ class ForkServer:
         warm = json.dumps({"backbones": list(backbones), "encoders": list(encoders)})
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, warm],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self._read() == {"ready": True}
+        ready = self._read()
+        # a fork copies only the calling thread, and any lock another thread held stays held in the child
+        assert ready == {"ready": True, "threads": []}, f"the fork server must fork from one thread: {ready}"
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
